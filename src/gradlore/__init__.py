@@ -1,0 +1,36 @@
+"""gradlore: low-rank gradient projection optimizers and WeLore compression for LLMs.
+
+    >>> import gradlore
+    >>> groups = gradlore.param_groups(model, method="dct", rank=128, target_modules="all-linear")
+    >>> opt = gradlore.LowRankAdamW(groups, lr=1e-3, weight_decay=0.0)
+
+See README.md for the command line (`gradlore train | compress | finetune | eval | analyze | bench`).
+"""
+
+from __future__ import annotations
+
+from gradlore import presets
+from gradlore.errors import UserError
+from gradlore.optim.groups import param_groups
+from gradlore.optim.layerwise import layerwise
+from gradlore.optim.lowrank_adamw import LowRankAdamW
+
+__version__ = "0.1.0"
+__all__ = [
+    "LowRankAdamW",
+    "UserError",
+    "compress",
+    "layerwise",
+    "load_compressed",
+    "param_groups",
+    "presets",
+]
+
+
+def __getattr__(name: str):
+    # Compression pulls in transformers; import it only when asked for.
+    if name in ("compress", "load_compressed"):
+        from gradlore.compress import welore
+
+        return getattr(welore, name)
+    raise AttributeError(f"module 'gradlore' has no attribute {name!r}")

@@ -1,0 +1,69 @@
+"""One functional Adam for every update: ordinary weights and projected (r, l) moments alike.
+
+Both paths call torch's own fused (or foreach) AdamW kernel, so gradlore's steady step is as fast
+as ``torch.optim.AdamW(fused=True)`` plus the projections. For projected moments we want Adam's
+*direction* D = m̂ / (√v̂ + ε) rather than an update of a weight: run the kernel on a zero buffer
+with lr = 1 and no weight decay, which leaves exactly -D in it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw as _torch_adamw
+
+
+def default_fused(tensors: list[Tensor]) -> bool:
+    """torch's fused kernel exists for floating tensors on CPU and CUDA."""
+    return all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
+
+
+def adamw_update_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    fused: bool | None = None,
+) -> None:
+    """In place: p ← p(1 - lr·wd) - lr·m̂/(√v̂ + ε); moments and step counters advance."""
+    if not params:
+        return
+    if fused is None:
+        fused = default_fused(params)
+    _torch_adamw(
+        params, grads, exp_avgs, exp_avg_sqs, [], steps,
+        foreach=None if fused else True, fused=fused or None,
+        amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+    )
+
+
+def adam_directions(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    fused: bool | None = None,
+) -> list[Tensor]:
+    """Advance the moments and return D = m̂/(√v̂ + ε) for each gradient (same shapes)."""
+    bufs = [torch.zeros_like(g) for g in grads]
+    adamw_update_(bufs, grads, exp_avgs, exp_avg_sqs, steps, lr=1.0, beta1=beta1, beta2=beta2, eps=eps,
+                  weight_decay=0.0, fused=fused)
+    if bufs:
+        torch._foreach_neg_(bufs)
+    return bufs
+
+
+def bias_correction(step: int, beta1: float, beta2: float) -> float:
+    """c_t = √(1-β₂ᵗ) / (1-β₁ᵗ): the factor by which m̂/√v̂ exceeds m/√v."""
+    return (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)

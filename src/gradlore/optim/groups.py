@@ -1,0 +1,86 @@
+"""Build param groups: which weights are projected, with which preset.
+
+``target_modules`` follows peft/GaLore conventions:
+- ``"all-linear"``: the 2-D weights of every ``nn.Linear`` except the output head and embeddings;
+- a list of name fragments (GaLore's ``["attn", "mlp"]``): a module whose name contains one;
+- any other string: a regular expression searched in the module name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from gradlore import presets
+from gradlore.errors import UserError
+
+
+def _output_head_ids(model: nn.Module) -> set[int]:
+    """Weights of the output head and of embeddings (tied or not): never projected by 'all-linear'."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None and getattr(head, "weight", None) is not None:
+        ids.add(id(head.weight))
+    return ids
+
+
+def linear_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.dim() == 2]
+
+
+def select_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """Names of the weight parameters to project."""
+    candidates = linear_candidates(model)
+    excluded = _output_head_ids(model)
+    if target_modules == "all-linear":
+        chosen = [n for n, m in candidates if id(m.weight) not in excluded]
+    elif isinstance(target_modules, str):
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as exc:
+            raise UserError(f"target_modules {target_modules!r} is not a valid regular expression: {exc}") from exc
+        chosen = [n for n, _ in candidates if pattern.search(n)]
+    else:
+        fragments = list(target_modules)
+        chosen = [n for n, _ in candidates if any(f in n for f in fragments)]
+    if not chosen:
+        names = [n for n, _ in candidates]
+        shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
+        raise UserError(f"target_modules={target_modules!r} matches no linear layer of this model. "
+                        f"Candidates: {shown or '(none: the model has no nn.Linear)'}. "
+                        "Pass 'all-linear', a list of name fragments, or a regex.")
+    return [f"{n}.weight" if n else "weight" for n in chosen]
+
+
+def param_groups(
+    model: nn.Module,
+    method: str = "galore",
+    rank: int = 128,
+    target_modules: str | Sequence[str] = "all-linear",
+    **overrides: Any,
+) -> list[dict]:
+    """Two groups: the targeted weights with the preset's keys, everything else as plain AdamW.
+
+    ``method="adamw"`` gives one plain group. Extra keyword arguments override the preset's keys
+    (e.g. ``update_proj_gap=50``, ``scale=1.0``, ``lr=...`` for the projected group only).
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise UserError("the model has no trainable parameters (all have requires_grad=False).")
+    if method == "adamw":
+        return [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
+    if method not in presets.PRESETS:
+        raise UserError(f"unknown method {method!r}; valid: adamw, {', '.join(presets.PRESETS)}.")
+    targets = set(select_targets(model, target_modules))
+    projected = [(n, p) for n, p in named if n in targets]
+    regular = [(n, p) for n, p in named if n not in targets]
+    groups = []
+    if regular:
+        groups.append({"params": [p for _, p in regular], "param_names": [n for n, _ in regular]})
+    groups.append({"params": [p for _, p in projected], "param_names": [n for n, _ in projected],
+                   **presets.PRESETS[method](rank=rank, **overrides)})
+    return groups

@@ -1,0 +1,85 @@
+"""Layer-wise updates inside backward (GaLore §4.3): each weight is updated, and its gradient freed,
+as soon as its gradient is complete, so at most one layer's gradient is alive at a time.
+
+Works for any optimizer class: one inner optimizer per parameter, driven by a
+post-accumulate-grad hook. The wrapper is itself a ``torch.optim.Optimizer`` whose ``param_groups``
+are the ones LR schedulers change; every hook copies its group's hyper-parameters to the inner
+optimizer before stepping, so schedules work. Gradient accumulation: set ``accumulate = True``
+during the non-final micro-batches and the hooks leave the gradients to accumulate.
+Not possible in this mode: clipping by the global gradient norm (no moment holds all gradients).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from gradlore.optim.lowrank_adamw import LowRankAdamW, restore_state_dtypes
+
+
+class LayerwiseOptimizer(Optimizer):
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        optimizer_cls: type[Optimizer] = LowRankAdamW,
+        **defaults: Any,
+    ) -> None:
+        self.optimizer_cls = optimizer_cls
+        self.accumulate = False
+        self._inner: dict[Tensor, Optimizer] = {}
+        self._handles: list[Any] = []
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        options = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        names = group.get("param_names")
+        for i, p in enumerate(group["params"]):
+            sub = {**options, "params": [p]}
+            if names:
+                sub["param_names"] = [names[i]]
+            inner = self.optimizer_cls([sub])
+            self._inner[p] = inner
+            self.state[p] = inner.state[p]  # one dict, seen by both: state_dict() needs no special case
+            self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
+
+    def _make_hook(self, group: dict) -> Callable[[Tensor], None]:
+        def hook(p: Tensor) -> None:
+            if self.accumulate or p.grad is None:
+                return
+            inner = self._inner[p]
+            inner.param_groups[0].update({k: v for k, v in group.items() if k not in ("params", "param_names")})
+            inner.step()
+            p.grad = None
+
+        return hook
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Updates already happened inside backward; this only evaluates the closure."""
+        if closure is not None:
+            with torch.enable_grad():
+                return closure()
+        return None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)
+        for p, inner in self._inner.items():
+            inner.state[p] = self.state[p]
+
+    def remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def layerwise(params: Iterable[Tensor] | Iterable[dict], optimizer_cls: type[Optimizer] = LowRankAdamW,
+              **defaults: Any) -> LayerwiseOptimizer:
+    """``gradlore.layerwise(groups, lr=1e-3)``: LowRankAdamW (or any optimizer) stepping inside backward."""
+    return LayerwiseOptimizer(params, optimizer_cls, **defaults)

@@ -1,0 +1,92 @@
+"""SVD-free projection with a fixed DCT basis (arXiv 2505.17967), and its identity-basis twin.
+
+    Q (s, s): orthonormal DCT-II basis, Q[:, k] = k-th cosine; Qᵀ G = dct(G, axis=0, norm="ortho")
+    refresh:  C = Qᵀ G (s, l);  score_k = ‖C[k, :]‖₁;  idx = top-r(score);  R = C[idx]   (r, l)
+    steady:   R = Q[:, idx]ᵀ G  (r, l);   up(D) = Q[:, idx] D  (s, l)
+
+The basis depends only on s, so one matrix per distinct size is built once and shared by every
+layer of that size; each layer's state is its r integer indices. The full transform Qᵀ G can be
+taken by a matmul (O(s² l)) or by FFT with Makhoul's reordering (O(s l log s)); ``method="auto"``
+picks by size, from measurements on this CPU (BENCHMARKS.md). ``columns`` is the same selection
+with the identity basis (keep the r rows of G with the largest norm; FRUGAL's column subspace).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# One basis per (size, dtype, device), shared by all layers and optimizers: derived data, not state.
+_BASES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+# Above this many rows the FFT route beats one matmul with the (s, s) basis on a 2-core CPU.
+FFT_MIN_SIZE = 1024
+
+
+def dct_basis(s: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+    """Orthonormal DCT-II basis Q (s, s): column k is the k-th cosine, so Qᵀx = dct(x, norm='ortho')."""
+    device = torch.device(device)
+    key = (s, dtype, device)
+    if key not in _BASES:
+        n = torch.arange(s, dtype=torch.float64)
+        k = n[:, None]
+        d = torch.cos(math.pi * (2 * n[None, :] + 1) * k / (2 * s)) * math.sqrt(2.0 / s)  # (k, n)
+        d[0] /= math.sqrt(2.0)
+        _BASES[key] = d.mT.contiguous().to(dtype=dtype, device=device)  # Q = Dᵀ: columns are basis vectors
+    return _BASES[key]
+
+
+def shared_bytes() -> int:
+    """Bytes held by the shared DCT bases (counted once, whatever the number of layers)."""
+    return sum(b.untyped_storage().nbytes() for b in _BASES.values())
+
+
+def dct_fft(x: Tensor) -> Tensor:
+    """Orthonormal DCT-II along dim 0 of x (s, l) by one FFT (Makhoul 1980): O(s l log s)."""
+    s = x.shape[0]
+    v = torch.cat([x[0::2], x[1::2].flip(0)], dim=0)  # even samples, then odd ones reversed
+    spec = torch.fft.fft(v.to(torch.float64 if x.dtype == torch.float64 else torch.float32), dim=0)
+    theta = torch.arange(s, device=x.device, dtype=spec.real.dtype) * (math.pi / (2 * s))
+    out = spec.real * torch.cos(theta)[:, None] + spec.imag * torch.sin(theta)[:, None]  # Re(V e^{-iθ})
+    out *= math.sqrt(2.0 / s)
+    out[0] /= math.sqrt(2.0)
+    return out.to(x.dtype)
+
+
+class SelectProjector:
+    """Keep the r basis directions best aligned with the gradient; store only their indices."""
+
+    def __init__(self, basis: str = "dct", norm: str = "l1", method: str = "auto") -> None:
+        self.basis, self.norm, self.method = basis, norm, method
+
+    def _coefficients(self, g: Tensor) -> Tensor:
+        """Qᵀ G for every basis direction: (s, l)."""
+        if self.basis == "identity":
+            return g
+        use_fft = self.method == "fft" or (self.method == "auto" and g.shape[0] >= FFT_MIN_SIZE)
+        if use_fft:
+            return dct_fft(g)
+        return dct_basis(g.shape[0], g.dtype, g.device).mT @ g
+
+    def refresh(self, g, rank, state, *, transposed, name, seed):
+        coeffs = self._coefficients(g)  # (s, l)
+        scores = coeffs.abs().sum(1) if self.norm == "l1" else coeffs.square().sum(1)
+        idx = torch.topk(scores.float(), rank, sorted=False).indices.sort().values
+        state["proj.indices"] = idx
+        return coeffs.index_select(0, idx)  # (r, l): reuse the product for this step's projection
+
+    def down(self, g: Tensor, state: dict) -> Tensor:
+        idx = state["proj.indices"]
+        if self.basis == "identity":
+            return g.index_select(0, idx)
+        q = dct_basis(g.shape[0], g.dtype, g.device).index_select(1, idx)  # (s, r)
+        return q.mT @ g
+
+    def up(self, x: Tensor, state: dict, s: int) -> Tensor:
+        idx = state["proj.indices"]
+        if self.basis == "identity":
+            out = x.new_zeros(s, x.shape[1])
+            return out.index_copy_(0, idx, x)
+        return dct_basis(s, x.dtype, x.device).index_select(1, idx) @ x  # (s, r) @ (r, l)
