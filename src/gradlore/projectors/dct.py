@@ -21,8 +21,9 @@ from torch import Tensor
 # One basis per (size, dtype, device), shared by all layers and optimizers: derived data, not state.
 _BASES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
-# Above this many rows the FFT route beats one matmul with the (s, s) basis on a 2-core CPU.
-FFT_MIN_SIZE = 1024
+# From this many rows on, the FFT route beats one matmul with the (s, s) basis on a 2-core CPU
+# (measured: 1.6x faster at 2048x2048, a tie at 1024, 3x slower at 512x1376; BENCHMARKS.md).
+FFT_MIN_SIZE = 2048
 
 
 def dct_basis(s: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
