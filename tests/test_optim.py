@@ -208,9 +208,9 @@ def test_dct_state_holds_indices_only():
     w.grad = torch.randn_like(w)
     opt.step()
     st = opt.state[w]
-    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "proj.t", "proj.indices"}
+    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "proj.t", "proj.next", "proj.indices"}
     assert st["proj.indices"].shape == (8,)
-    nominal = 2 * 8 * 96 * 4 + 8 * 8 + 4 + 8
+    nominal = 2 * 8 * 96 * 4 + 8 * 8 + 4 + 8 + 8
     assert state_bytes(opt, include_shared=False) == nominal
 
 
@@ -266,3 +266,19 @@ def test_failed_svd_keeps_previous_basis():
     with pytest.warns(RuntimeWarning, match="layer.w"):
         opt.step()
     assert torch.equal(opt.state[w]["proj.basis"], basis)
+
+
+@pytest.mark.parametrize("projector", ["svd", "dct"])
+def test_lazy_refresh_doubles_the_gap_only_for_a_stable_subspace(projector):
+    def gap_after(stable: bool) -> int:
+        w = torch.nn.Parameter(torch.zeros(48, 32, dtype=torch.float64))
+        opt = gradlore.LowRankAdamW([{"params": [w], "rank": 8, "projector": projector, "update_proj_gap": 2,
+                                      "refresh": "lazy", "lazy_window": 2}], lr=1e-3)
+        fixed = grads((48, 32), 1)[0]
+        for g in grads((48, 32), 7, seed=9):
+            w.grad = fixed.clone() if stable else torch.randn_like(g)
+            opt.step()
+        return int(opt.state[w]["proj.gap"])
+
+    assert gap_after(stable=True) == 4  # refreshes at 0, 2, 4 agree -> gap doubles
+    assert gap_after(stable=False) == 2

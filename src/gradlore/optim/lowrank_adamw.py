@@ -13,7 +13,7 @@ Groups without ``rank`` are plain AdamW (same fused kernel), as in galore-torch 
 Weight decay is applied to the weight before the update, as torch.optim.AdamW does; galore-torch
 and fira apply it after the update (to the updated weight), a difference of O(lr²·wd).
 State holds only tensors: ``step``, ``exp_avg``, ``exp_avg_sq``, ``proj.t`` (the refresh clock),
-``proj.basis`` or ``proj.indices``, ``fira.prev_norm``.
+``proj.next`` (next refresh), ``proj.basis`` or ``proj.indices``, ``fira.prev_norm``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from gradlore.errors import UserError
 from gradlore.optim.adam import adam_directions, adamw_update_
 from gradlore.optim.residual import RESIDUALS
 from gradlore.projectors import PROJECTORS, is_transposed
+from gradlore.projectors.refresh import REFRESH, basis_matrix, due, schedule_next
 
 # Keys of a projected group and their defaults (GaLore's, with Fira's "alpha" read as "scale").
 PROJECTED_DEFAULTS: dict[str, Any] = {
@@ -39,6 +40,7 @@ PROJECTED_DEFAULTS: dict[str, Any] = {
     "projector": "svd",
     "residual": "discard",
     "on_refresh": "keep",  # "reset": zero the moments when the subspace changes (FRUGAL)
+    "refresh": "every",  # "lazy": Q-GaLore's adaptive gap
     "proj_type": "std",
     "seed": 0,
 }
@@ -76,6 +78,8 @@ def normalize_group(group: dict, where: str) -> dict:
         raise UserError(f"{where}: update_proj_gap must be a positive integer, got {group['update_proj_gap']!r}.")
     if not isinstance(group["scale"], (int, float)) or isinstance(group["scale"], bool):
         raise UserError(f"{where}: scale must be a number, got {group['scale']!r}.")
+    if group["refresh"] not in REFRESH:
+        raise UserError(f"{where}: refresh must be one of {REFRESH}, got {group['refresh']!r}.")
     if group["on_refresh"] not in ON_REFRESH:
         raise UserError(f"{where}: on_refresh must be one of {ON_REFRESH}, got {group['on_refresh']!r}.")
     return group
@@ -114,7 +118,8 @@ class LowRankAdamW(Optimizer):
         params: parameters or groups. Projected-group keys: ``rank``, ``update_proj_gap`` (200),
             ``scale`` (0.25; alias ``alpha``), ``projector`` ("svd", "dct", "columns", "random",
             "identity"), ``residual`` ("discard", "fira", "sign"), ``on_refresh`` ("keep", "reset"),
-            ``residual_lr_ratio`` (sign rule, 1.0), ``fira_gamma`` (1.01), ``dct_norm`` ("l1"/"l2"),
+            ``refresh`` ("every", "lazy" with ``lazy_threshold`` 0.4, ``lazy_window`` 5,
+            ``lazy_growth`` 2), ``residual_lr_ratio`` (sign rule, 1.0), ``fira_gamma`` (1.01), ``dct_norm`` ("l1"/"l2"),
             ``dct_method`` ("auto", "matmul", "fft"), ``seed`` (random projector), ``proj_type`` ("std").
         lr, betas, eps, weight_decay: as torch.optim.AdamW (weight decay decoupled, before the update).
         fused: use torch's fused AdamW kernel (default: wherever it exists).
@@ -194,7 +199,7 @@ class LowRankAdamW(Optimizer):
     def _projected_step(self, gi: int, group: dict, indices: list[int]) -> None:
         projector = PROJECTORS[group["projector"]](group)
         rule = RESIDUALS[group["residual"]]
-        rank, gap = group["rank"], group["update_proj_gap"]
+        rank, lazy = group["rank"], group["refresh"] == "lazy"
         work = []  # (param, oriented grad (s, l), transposed, R (r, l), state)
         for i in indices:
             p = group["params"][i]
@@ -205,10 +210,16 @@ class LowRankAdamW(Optimizer):
                 state["proj.t"] = torch.zeros((), dtype=torch.int64)
             t = int(state["proj.t"])
             r = None
-            if t % gap == 0:
+            if due(state, t):
+                old = basis_matrix(projector, state, g.shape[0], rank, g.dtype) if lazy and t > 0 else None
                 seed = (group["seed"] * 1_000_003 + gi * 10_007 + i) * 1_000_033 + t
                 r = projector.refresh(g, rank, state, transposed=transposed, name=param_name(group, i),
                                       seed=seed % (2**63))
+                overlap = None
+                if old is not None:
+                    new = basis_matrix(projector, state, g.shape[0], rank, g.dtype)
+                    overlap = float((old.mT @ new).square().sum()) / rank
+                schedule_next(state, group, t, overlap)
                 if t > 0 and group["on_refresh"] == "reset" and "exp_avg" in state:
                     state["exp_avg"].zero_()
                     state["exp_avg_sq"].zero_()
