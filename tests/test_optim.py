@@ -283,3 +283,14 @@ def test_lazy_refresh_doubles_the_gap_only_for_a_stable_subspace(projector):
 
     assert gap_after(stable=True) == 4  # refreshes at 0, 2, 4 agree -> gap doubles
     assert gap_after(stable=False) == 2
+
+
+def test_state_bytes_counts_views_in_full_and_walks_objects():
+    class Holder:
+        def __init__(self, t):
+            self.matrix = t
+
+    whole = torch.zeros(100, 10)  # 4000 bytes
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    opt.state[opt.param_groups[0]["params"][0]] = {"proj": Holder(whole[:2]), "again": [whole[5:]]}
+    assert state_bytes(opt, include_shared=False) == 4000
