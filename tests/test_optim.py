@@ -69,6 +69,8 @@ def test_all_columns_projection_is_adamw_update():
         proj = PROJECTORS[name]({})
         state = {}
         r = proj.refresh(g, 32, state, transposed=False, name="w", seed=0)
+        if r is None:
+            r = proj.down(g, state)
         m, v, step = torch.zeros_like(r), torch.zeros_like(r), torch.zeros(())
         d = adam_directions([r], [m], [v], [step], beta1=0.9, beta2=0.999, eps=1e-8)[0]
         update = proj.up(d, state, 32)
@@ -117,21 +119,34 @@ def test_fira_at_scale_one_matches_fira_package(shape):
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-11)
 
 
-def test_fira_limiter_caps_norm_growth():
+def test_fira_term_is_scaled_residual_and_limiter_caps_growth():
     from gradlore.optim.residual import fira
+    from gradlore.projectors import PROJECTORS
 
     g = grads((32, 48), 1)[0]
-    p = torch.linalg.svd(g.float())[0][:, :8].double()
-    up = lambda x: p @ x  # noqa: E731
-    r = p.mT @ g
+    proj = PROJECTORS["svd"]({})
+    state: dict = {}
+    proj.refresh(g, 8, state, transposed=False, name="w", seed=0)
+    r = proj.down(g, state)
+
+    def term(fix):  # what the optimizer applies: P·low + G ⊙ col
+        return proj.up(fix.low, state, 32) + g * fix.col[None, :]
+
     group = {"betas": (0.9, 0.999), "fira_gamma": 1.01}
-    state = {}
-    first = fira(g, r, r, state, group, up, 1)
-    prev = float(state["fira.prev_norm"])
-    second = fira(g, r, 10 * r, state, group, up, 1)  # Adam direction 10x larger: scaled residual too
     c = (1 - 0.999) ** 0.5 / (1 - 0.9)
-    assert second.norm() / c == pytest.approx(1.01 * prev, rel=1e-6)
+    d = 0.5 * r + 0.01
+    first = term(fira(g, r, d, state, group, proj, 1))
+    phi = (d.norm(dim=0) / c) / (r.norm(dim=0) + 1e-8)
+    dense = c * (g - proj.up(r, state, 32)) * phi[None, :]  # Fira's definition, computed densely
+    torch.testing.assert_close(first, dense, rtol=1e-10, atol=1e-12)
+    prev = float(state["fira.prev_norm"])
     assert first.norm() / c == pytest.approx(prev, rel=1e-9)
+    second = term(fira(g, r, 10 * d, state, group, proj, 1))  # Adam direction 10x larger: capped at γ
+    assert second.norm() / c == pytest.approx(1.01 * prev, rel=1e-8)  # Fira's +1e-8 in the ratio
+    third = term(fira(g, r, 10 * d, state, group, proj, 1))  # still 10x the last kept norm: capped again
+    assert third.norm() / c == pytest.approx(1.01**2 * prev, rel=1e-8)
+    fourth = term(fira(g, r, 0.5 * d, state, group, proj, 1))  # shrinking is never limited
+    assert fourth.norm() / c == pytest.approx(0.5 * prev, rel=1e-9)
 
 
 CONFIGS = {

@@ -83,9 +83,11 @@ def test_dct_picks_the_best_aligned_columns(shape):
     assert {3, 17, 30} <= set(idx.tolist())
     scores = (q.mT @ g).abs().sum(1)
     assert set(idx.tolist()) == set(torch.topk(scores, RANK).indices.tolist())
-    fft_state: dict = {}
-    PROJECTORS["dct"]({"dct_method": "fft"}).refresh(g, RANK, fft_state, transposed=False, name="w", seed=0)
-    assert torch.equal(fft_state["proj.indices"], idx)
+    for method in ("fft", "scipy", "matmul"):
+        other: dict = {}
+        r = PROJECTORS["dct"]({"dct_method": method}).refresh(g, RANK, other, transposed=False, name="w", seed=0)
+        assert torch.equal(other["proj.indices"], idx), method
+        torch.testing.assert_close(r, (q.mT @ g)[idx], rtol=1e-10, atol=1e-10)
 
 
 def test_random_projector_is_seeded():

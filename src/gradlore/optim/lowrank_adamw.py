@@ -45,6 +45,7 @@ PROJECTED_DEFAULTS: dict[str, Any] = {
     "seed": 0,
 }
 ON_REFRESH = ("keep", "reset")
+DCT_METHODS = ("auto", "matmul", "fft", "scipy")
 
 
 def _is_int(x: Any) -> bool:
@@ -80,6 +81,8 @@ def normalize_group(group: dict, where: str) -> dict:
         raise UserError(f"{where}: scale must be a number, got {group['scale']!r}.")
     if group["refresh"] not in REFRESH:
         raise UserError(f"{where}: refresh must be one of {REFRESH}, got {group['refresh']!r}.")
+    if group.get("dct_method", "auto") not in DCT_METHODS:
+        raise UserError(f"{where}: dct_method must be one of {DCT_METHODS}, got {group['dct_method']!r}.")
     if group["on_refresh"] not in ON_REFRESH:
         raise UserError(f"{where}: on_refresh must be one of {ON_REFRESH}, got {group['on_refresh']!r}.")
     return group
@@ -120,7 +123,7 @@ class LowRankAdamW(Optimizer):
             "identity"), ``residual`` ("discard", "fira", "sign"), ``on_refresh`` ("keep", "reset"),
             ``refresh`` ("every", "lazy" with ``lazy_threshold`` 0.4, ``lazy_window`` 5,
             ``lazy_growth`` 2), ``residual_lr_ratio`` (sign rule, 1.0), ``fira_gamma`` (1.01), ``dct_norm`` ("l1"/"l2"),
-            ``dct_method`` ("auto", "matmul", "fft"), ``seed`` (random projector), ``proj_type`` ("std").
+            ``dct_method`` ("auto", "matmul", "fft", "scipy"), ``seed`` (random projector), ``proj_type`` ("std").
         lr, betas, eps, weight_decay: as torch.optim.AdamW (weight decay decoupled, before the update).
         fused: use torch's fused AdamW kernel (default: wherever it exists).
     """
@@ -236,13 +239,16 @@ class LowRankAdamW(Optimizer):
         )
         lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
         for (p, g, transposed, r, state), d in zip(work, directions):
-            s = g.shape[0]
-            update = projector.up(d, state, s)  # (s, l)
+            fix = rule(g, r, d, state, group, projector, int(state["step"]))
             if scale != 1:
-                update.mul_(scale)
-            term = rule(g, r, d, state, group, lambda x, st=state, s=s: projector.up(x, st, s), int(state["step"]))
-            if term is not None:
-                update.add_(term)
+                d.mul_(scale)
+            if fix is not None and fix.low is not None:
+                d.add_(fix.low)
             if wd != 0:
                 p.mul_(1.0 - lr * wd)
-            p.add_(update.mT if transposed else update, alpha=-lr)
+            w = p.mT if transposed else p  # the weight in the oriented (s, l) frame, a view
+            projector.up_add_(w, d, state, -lr)  # W -= lr · P·(scale·D + low), fused into one addmm
+            if fix is not None and fix.col is not None:
+                w.addcmul_(g, fix.col[None, :], value=-lr)
+            if fix is not None and fix.dense is not None:
+                w.add_(fix.dense, alpha=-lr)

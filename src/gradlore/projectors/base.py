@@ -38,12 +38,25 @@ class Projector(Protocol):
         """(s, l) -> (r, l)"""
         ...
 
+    def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
+        """out (s, l) += alpha · P x, with x (r, l): fused into the weight update, no (s, l) temporary."""
+        ...
+
     def up(self, x: Tensor, state: dict, s: int) -> Tensor:
         """(r, l) -> (s, l)"""
         ...
 
 
-class Identity:
+class ProjectorBase:
+    """``up`` for every projector, from its ``up_add_``."""
+
+    def up(self, x: Tensor, state: dict, s: int) -> Tensor:
+        out = x.new_zeros(s, x.shape[1])
+        self.up_add_(out, x, state, 1.0)
+        return out
+
+
+class Identity(ProjectorBase):
     """The whole space: down and up are the identity. With it the optimizer is exactly AdamW."""
 
     def refresh(self, g, rank, state, *, transposed, name, seed):
@@ -52,8 +65,8 @@ class Identity:
     def down(self, g: Tensor, state: dict) -> Tensor:
         return g.contiguous()
 
-    def up(self, x: Tensor, state: dict, s: int) -> Tensor:
-        return x
+    def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
+        out.add_(x, alpha=alpha)
 
 
 _warned: set[tuple[str, str]] = set()

@@ -6,8 +6,10 @@
 
 The basis depends only on s, so one matrix per distinct size is built once and shared by every
 layer of that size; each layer's state is its r integer indices. The full transform Qᵀ G can be
-taken by a matmul (O(s² l)) or by FFT with Makhoul's reordering (O(s l log s)); ``method="auto"``
-picks by size, from measurements on this CPU (BENCHMARKS.md). ``columns`` is the same selection
+taken by a matmul (O(s² l)), by FFT with Makhoul's reordering in torch (O(s l log s), any device),
+or on CPU by scipy.fft.dct (pocketfft's real DCT, the fastest there); ``method="auto"`` takes scipy on
+CPU and, on other devices, the matmul below ``FFT_MIN_SIZE`` rows and the FFT above, from
+measurements (BENCHMARKS.md). ``columns`` is the same selection
 with the identity basis (keep the r rows of G with the largest norm; FRUGAL's column subspace).
 """
 
@@ -17,6 +19,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from gradlore.projectors.base import ProjectorBase
 
 # One basis per (size, dtype, device), shared by all layers and optimizers: derived data, not state.
 _BASES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
@@ -56,7 +60,16 @@ def dct_fft(x: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
-class SelectProjector:
+def dct_scipy(x: Tensor) -> Tensor:
+    """Orthonormal DCT-II along dim 0 of a CPU tensor by scipy (pocketfft), threaded like torch."""
+    import scipy.fft
+
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    out = scipy.fft.dct(work.numpy(), type=2, norm="ortho", axis=0, workers=torch.get_num_threads())
+    return torch.from_numpy(out).to(x.dtype)
+
+
+class SelectProjector(ProjectorBase):
     """Keep the r basis directions best aligned with the gradient; store only their indices."""
 
     def __init__(self, basis: str = "dct", norm: str = "l1", method: str = "auto") -> None:
@@ -66,8 +79,12 @@ class SelectProjector:
         """Qᵀ G for every basis direction: (s, l)."""
         if self.basis == "identity":
             return g
-        use_fft = self.method == "fft" or (self.method == "auto" and g.shape[0] >= FFT_MIN_SIZE)
-        if use_fft:
+        method = self.method
+        if method == "auto":
+            method = "scipy" if g.device.type == "cpu" else "fft" if g.shape[0] >= FFT_MIN_SIZE else "matmul"
+        if method == "scipy":
+            return dct_scipy(g)
+        if method == "fft":
             return dct_fft(g)
         return dct_basis(g.shape[0], g.dtype, g.device).mT @ g
 
@@ -85,9 +102,10 @@ class SelectProjector:
         q = dct_basis(g.shape[0], g.dtype, g.device).index_select(1, idx)  # (s, r)
         return q.mT @ g
 
-    def up(self, x: Tensor, state: dict, s: int) -> Tensor:
+    def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
         idx = state["proj.indices"]
         if self.basis == "identity":
-            out = x.new_zeros(s, x.shape[1])
-            return out.index_copy_(0, idx, x)
-        return dct_basis(s, x.dtype, x.device).index_select(1, idx) @ x  # (s, r) @ (r, l)
+            out.index_add_(0, idx, x, alpha=alpha)
+        else:
+            q = dct_basis(out.shape[0], x.dtype, x.device).index_select(1, idx)  # (s, r)
+            out.addmm_(q, x, alpha=alpha)

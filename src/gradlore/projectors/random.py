@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gradlore.projectors.base import ProjectorBase
+
 
 def random_basis(s: int, rank: int, seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """An orthonormal (s, r) basis drawn from a Gaussian with a private generator."""
@@ -17,7 +19,7 @@ def random_basis(s: int, rank: int, seed: int, dtype: torch.dtype, device: torch
     return q.to(dtype=dtype, device=device).contiguous()
 
 
-class RandomProjector:
+class RandomProjector(ProjectorBase):
     def refresh(self, g, rank, state, *, transposed, name, seed):
         state["proj.basis"] = random_basis(g.shape[0], rank, seed, g.dtype, g.device)
         return None
@@ -25,5 +27,5 @@ class RandomProjector:
     def down(self, g: Tensor, state: dict) -> Tensor:
         return state["proj.basis"].mT @ g
 
-    def up(self, x: Tensor, state: dict, s: int) -> Tensor:
-        return state["proj.basis"] @ x
+    def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
+        out.addmm_(state["proj.basis"], x, alpha=alpha)  # (s, r) @ (r, l), added in place

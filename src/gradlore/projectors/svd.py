@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradlore.projectors.base import warn_once
+from gradlore.projectors.base import ProjectorBase, warn_once
 from gradlore.projectors.random import random_basis
 
 
@@ -32,7 +32,7 @@ def top_left_singular_vectors(g: Tensor, rank: int, *, transposed: bool, dtype: 
     return None
 
 
-class SVDProjector:
+class SVDProjector(ProjectorBase):
     def refresh(self, g, rank, state, *, transposed, name, seed):
         basis = top_left_singular_vectors(g, rank, transposed=transposed, dtype=g.dtype)
         if basis is None:
@@ -49,5 +49,5 @@ class SVDProjector:
     def down(self, g: Tensor, state: dict) -> Tensor:
         return state["proj.basis"].mT @ g  # (r, s) @ (s, l) -> (r, l)
 
-    def up(self, x: Tensor, state: dict, s: int) -> Tensor:
-        return state["proj.basis"] @ x  # (s, r) @ (r, l) -> (s, l)
+    def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
+        out.addmm_(state["proj.basis"], x, alpha=alpha)  # (s, r) @ (r, l), added in place
