@@ -45,7 +45,8 @@ def fira(g: Tensor, r: Tensor, d: Tensor, state: dict, group: dict, projector: A
     phi = (d.norm(dim=0) / c) / (r.norm(dim=0) + 1e-8)  # (l,)
     basis = projector.up(torch.eye(rank, dtype=r.dtype, device=r.device), state, g.shape[0])  # (s, r)
     gram = basis.mT @ basis  # (r, r): the identity up to the basis' rounding
-    res_sq = g.square().sum(0) - 2 * r.square().sum(0) + (r * (gram @ r)).sum(0)  # ‖S_j‖², (l,)
+    g_sq = torch.linalg.vector_norm(g, dim=0).square()  # (l,), one pass over G, no temporary
+    res_sq = g_sq - 2 * r.square().sum(0) + (r * (gram @ r)).sum(0)  # ‖S_j‖², (l,)
     wide = torch.promote_types(g.dtype, torch.float32)
     norm = (phi.square() * res_sq.clamp_min(0)).sum().sqrt().to(wide)  # ‖S ⊙ φ‖
     gamma = group.get("fira_gamma", 1.01)
