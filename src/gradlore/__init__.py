@@ -10,6 +10,7 @@ See README.md for the command line (`gradlore train | compress | finetune | eval
 from __future__ import annotations
 
 from gradlore import presets
+from gradlore.compress.welore import compress, load_compressed  # binds the functions over the subpackage
 from gradlore.errors import UserError
 from gradlore.optim.groups import param_groups
 from gradlore.optim.layerwise import layerwise
@@ -26,11 +27,3 @@ __all__ = [
     "presets",
 ]
 
-
-def __getattr__(name: str):
-    # Compression pulls in transformers; import it only when asked for.
-    if name in ("compress", "load_compressed"):
-        from gradlore.compress import welore
-
-        return getattr(welore, name)
-    raise AttributeError(f"module 'gradlore' has no attribute {name!r}")

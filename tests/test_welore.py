@@ -1,0 +1,350 @@
+"""End-to-end WeLore on tiny random Hugging Face models: compress, save/load, bad input, LRC fine-tuning, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from gradlore.compress.finetune import finetune  # noqa: E402
+from gradlore.compress.lowrank_linear import LowRankLinear  # noqa: E402
+from gradlore.compress.welore import compress, load_compressed, save_compressed  # noqa: E402
+from gradlore.errors import UserError  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VOCAB = 256
+
+
+def tiny_llama(tied: bool = True) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                      max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_qwen2() -> Qwen2ForCausalLM:  # q/k/v carry biases; GQA; tied embeddings
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True,
+                      max_position_embeddings=128)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_mistral() -> MistralForCausalLM:  # untied head
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                        max_position_embeddings=128, sliding_window=None)
+    return MistralForCausalLM(cfg).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "qwen2": tiny_qwen2, "mistral": tiny_mistral}
+
+
+def shakespeare_ids(n: int) -> torch.Tensor:
+    """Real text as byte ids (vocab 256): enough structure for a loss to fall."""
+    text = (SHARED_DATA / "tinyshakespeare.txt").read_bytes()[: n]
+    return torch.tensor(list(text), dtype=torch.long)
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_compress_save_load_roundtrip_is_exact(family, tmp_path):
+    torch.manual_seed(0)
+    model = MODELS[family]()
+    x = torch.randint(0, VOCAB, (2, 24))
+    dense_logits = model(input_ids=x).logits
+    report = compress(model, remove=0.25, cache_dir=tmp_path / "cache")
+    assert report.removed_fraction >= 0.25
+    assert report.n_lrc >= 1 and report.targeted_params_after < report.targeted_params_before
+    assert report.model_params_before - report.model_params_after == (
+        report.targeted_params_before - report.targeted_params_after)
+    assert 0 < report.rank_reduction < 1
+    lrcs = {n: m for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    assert len(lrcs) == report.n_lrc
+    assert "lm_head" not in lrcs and not any("wte" in n for n in lrcs)
+    logits = model(input_ids=x).logits
+    assert not torch.equal(logits, dense_logits)
+
+    out = save_compressed(model, tmp_path / "out")
+    meta = json.loads((out / "welore.json").read_text())
+    assert {n: v["rank"] for n, v in meta["layers"].items()} == {n: m.rank for n, m in lrcs.items()}
+    loaded = load_compressed(out)
+    assert torch.equal(loaded(input_ids=x).logits, logits)
+    ranks = {n: m.rank for n, m in loaded.named_modules() if isinstance(m, LowRankLinear)}
+    assert ranks == {n: m.rank for n, m in lrcs.items()}
+
+
+def test_load_uses_recorded_ranks_not_thresholds(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    compress(model, remove=0.3, cache_dir=tmp_path)
+    out = save_compressed(model, tmp_path / "out")
+    meta = json.loads((out / "welore.json").read_text())
+    meta["report"]["threshold"] = 0.999  # would give rank 1 everywhere if ranks were re-derived
+    (out / "welore.json").write_text(json.dumps(meta))
+    loaded = load_compressed(out)
+    x = torch.randint(0, VOCAB, (1, 16))
+    assert torch.equal(loaded(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_corrupt_checkpoints_are_user_errors(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    compress(model, remove=0.3, cache_dir=tmp_path)
+    out = save_compressed(model, tmp_path / "out")
+    weights = (out / "model.safetensors").read_bytes()
+    meta = (out / "welore.json").read_text()
+
+    (out / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated download
+    with pytest.raises(UserError, match="corrupt"):
+        load_compressed(out)
+    (out / "model.safetensors").write_bytes(weights)
+
+    bad = json.loads(meta)
+    name = next(iter(bad["layers"]))
+    bad["layers"][name]["rank"] += 1  # ranks disagree with the tensors
+    (out / "welore.json").write_text(json.dumps(bad))
+    with pytest.raises(UserError, match="corrupt"):
+        load_compressed(out)
+
+    (out / "welore.json").write_text(meta[:40])
+    with pytest.raises(UserError, match="corrupt"):
+        load_compressed(out)
+
+    (out / "welore.json").write_text(meta)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="missing"):
+        load_compressed(out)
+
+
+def test_existing_output_is_never_overwritten(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    compress(model, remove=0.2, cache_dir=tmp_path)
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    with pytest.raises(UserError, match="--overwrite"):
+        save_compressed(model, target)
+    assert (target / "keep.txt").read_text() == "precious"
+    save_compressed(model, target, overwrite=True)
+    assert (target / "welore.json").exists() and not (target / "keep.txt").exists()
+
+
+def test_bad_compress_inputs(tmp_path):
+    model = tiny_llama()
+    with pytest.raises(UserError, match="between 0 and 1"):
+        compress(model, remove=1.2, cache_dir=tmp_path)
+    with pytest.raises(UserError, match="exactly one budget"):
+        compress(model, cache_dir=tmp_path)
+    with pytest.raises(UserError, match="candidates: .*down_proj.*q_proj"):
+        compress(model, remove=0.2, targets=["c_attn"], cache_dir=tmp_path)
+    with pytest.raises(UserError, match="calibration"):
+        compress(model, remove=0.2, data_aware="whiten", cache_dir=tmp_path)
+    with pytest.raises(UserError, match="tie_word_embeddings"):
+        compress(model, remove=0.2, include_head=True, cache_dir=tmp_path)
+    assert not any(isinstance(m, LowRankLinear) for m in model.modules())  # nothing changed
+
+
+def test_foreign_spectrum_cache_is_rejected(tmp_path):
+    torch.manual_seed(0)
+    a, b = tiny_llama(), tiny_llama()
+    cache = tmp_path / "spectra.safetensors"
+    compress(a, remove=0.2, spectrum_cache=cache)
+    with pytest.raises(UserError, match="different model"):
+        compress(b, remove=0.2, spectrum_cache=cache)
+
+
+def test_welore_beats_uniform_on_lowrank_structured_model(tmp_path):
+    """Layers of very different intrinsic rank: the global threshold spends the budget where it is cheap."""
+    torch.manual_seed(0)
+    model = tiny_llama(tied=False)
+    with torch.no_grad():
+        linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+        for i, mod in enumerate(linears):
+            out_f, in_f = mod.weight.shape
+            r = 4 if i % 2 == 0 else min(out_f, in_f)  # half the layers are (nearly) rank 4
+            mod.weight.copy_((torch.randn(out_f, r) @ torch.randn(r, in_f)) / (r * in_f) ** 0.5
+                             + 1e-4 * torch.randn(out_f, in_f))
+    x = shakespeare_ids(4 * 48).reshape(4, 48)
+    ref = model(input_ids=x).logits.detach()
+    errs = {}
+    for method in ("welore", "uniform"):
+        m = tiny_llama(tied=False)
+        m.load_state_dict(model.state_dict())
+        compress(m, remove=0.3, method=method, cache_dir=tmp_path)
+        with torch.no_grad():
+            errs[method] = float((m(input_ids=x).logits - ref).norm() / ref.norm())
+    assert errs["welore"] < 0.1 * errs["uniform"], errs
+
+
+def test_data_aware_compression_runs_with_calibration_text(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    calib = shakespeare_ids(8 * 64).reshape(8, 64)
+    rep = compress(model, remove=0.2, data_aware="whiten", calibration=calib, cache_dir=tmp_path)
+    assert rep.data_aware == "whiten" and rep.n_lrc >= 1
+    rep2 = compress(tiny_gpt2(), remove=0.2, method="uniform", data_aware="asvd", calibration=calib, cache_dir=tmp_path)
+    assert rep2.n_lrc == rep2.n_targets
+
+
+def test_lrc_only_finetune_trains_factors_and_freezes_the_rest(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    compress(model, remove=0.3, cache_dir=tmp_path)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = shakespeare_ids(20_000)
+    res = finetune(model, ids, steps=30, batch_size=4, seq_len=64, lr=3e-3, warmup=1)
+    assert res.mode == "lrc"
+    lrc_params = {f"{n}.{w}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for w in ("weight_a", "weight_b")}
+    assert res.trainable_params == sum(before[n].numel() for n in lrc_params)
+    for name, p in model.named_parameters():
+        if name in lrc_params:
+            assert not torch.equal(p, before[name]), name
+        else:  # N-LRC weights, embeddings (tied head), norms, LRC biases: untouched
+            assert torch.equal(p, before[name]), name
+    assert sum(res.losses[-5:]) / 5 < sum(res.losses[:5]) / 5
+    assert res.optimizer_state_bytes == 2 * 4 * res.trainable_params + 4 * len(lrc_params)  # exp_avg, exp_avg_sq, step
+    assert res.tokens_per_s > 0 and res.peak_memory_bytes > 0
+
+
+def test_full_finetune_baseline_and_norms_option(tmp_path):
+    torch.manual_seed(0)
+    dense = tiny_llama()
+    res = finetune(dense, shakespeare_ids(5000), steps=2, batch_size=2, seq_len=32, full=True)
+    assert res.mode == "full" and res.trainable_params == sum(p.numel() for p in dense.parameters())
+    with pytest.raises(UserError, match="compress it first"):
+        finetune(tiny_llama(), shakespeare_ids(5000), steps=1, seq_len=32)
+    m = tiny_llama()
+    compress(m, remove=0.3, cache_dir=tmp_path)
+    res = finetune(m, shakespeare_ids(5000), steps=1, batch_size=2, seq_len=32, train_norms=True)
+    norms = sum(p.numel() for n, p in m.named_parameters() if "norm" in n)
+    factors = sum(p.numel() for n, p in m.named_parameters() if "weight_a" in n or "weight_b" in n)
+    assert res.trainable_params == norms + factors
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([(SHARED_DATA / "tinyshakespeare.txt").read_text()[:50_000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def _cli(argv: list[str]) -> int:
+    """Run our sub-commands the way gradlore.cli.main does (UserError -> exit 2)."""
+    from gradlore.compress.cli import add_parser
+
+    parser = argparse.ArgumentParser(prog="gradlore")
+    add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}")
+        return 2
+
+
+def test_cli_compress_eval_finetune(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GRADLORE_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    dense = tmp_path / "dense"
+    tiny_llama().save_pretrained(dense)
+    _tokenizer().save_pretrained(dense)
+    wiki = str(SHARED_DATA / "wikitext2-raw-test.txt")
+    shakes = str(SHARED_DATA / "tinyshakespeare.txt")
+    comp = tmp_path / "comp"
+    assert _cli(["compress", "--model", str(dense), "--remove", "0.2", "--method", "welore", "--out", str(comp),
+                 "--data-aware", "whiten", "--calibration", shakes, "--calibration-tokens", "1024",
+                 "--calibration-context", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "removed" in out and "effective rank reduction" in out and "model params" in out
+    assert (comp / "welore.json").exists() and (comp / "tokenizer.json").exists()
+    # refuses to overwrite, exit status 2
+    assert _cli(["compress", "--model", str(dense), "--remove", "0.2", "--out", str(comp)]) == 2
+    assert "--overwrite" in capsys.readouterr().out
+    assert _cli(["compress", "--model", str(dense), "--remove", "1.5", "--out", str(tmp_path / "x")]) == 2
+    for model in (dense, comp):
+        assert _cli(["eval", "--model", str(model), "--data", wiki, "--context", "64", "--stride", "32",
+                     "--max-tokens", "512", "--json"]) == 0
+        printed = capsys.readouterr().out
+        res = json.loads(printed[printed.index("{"):])
+        assert res["tokens_scored"] == 511 and res["context"] == 64 and res["stride"] == 32
+        assert res["perplexity"] > 1
+    ft = tmp_path / "ft"
+    assert _cli(["finetune", "--model", str(comp), "--data", shakes, "--steps", "3", "--batch-size", "2",
+                 "--seq-len", "32", "--out", str(ft), "--log-every", "0"]) == 0
+    assert "trainable params" in capsys.readouterr().out
+    assert load_compressed(ft) is not None
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
+def test_embedding_compression_keeps_tied_head_shared(family, tmp_path):
+    torch.manual_seed(0)
+    model = MODELS[family]()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    x = torch.randint(0, VOCAB, (2, 16))
+    rep = compress(model, remove=0.5, include_embeddings=True, cache_dir=tmp_path)
+    emb = model.get_input_embeddings()
+    assert rep.layers[0]["name"] == next(n for n, m in model.named_modules() if m is emb)
+    from gradlore.compress.lowrank_linear import LowRankEmbedding
+
+    assert isinstance(emb, LowRankEmbedding), rep.layers[0]
+    head = model.get_output_embeddings()
+    if tied:
+        assert head.weight_a is emb.weight_a and head.weight_b is emb.weight_b
+    else:
+        assert isinstance(head, torch.nn.Linear)  # an untied head is only factored with include_head
+    logits = model(input_ids=x).logits
+    loaded = load_compressed(save_compressed(model, tmp_path / "out"))
+    assert torch.equal(loaded(input_ids=x).logits, logits)
+    if tied:
+        assert loaded.get_output_embeddings().weight_b is loaded.get_input_embeddings().weight_b
+    res = finetune(loaded, shakespeare_ids(3000), steps=2, batch_size=2, seq_len=32, lr=1e-3)
+    assert res.trainable_params == sum(p.numel() for n, p in loaded.named_parameters() if "weight_" in n)
+
+
+def test_lrc_finetune_with_a_gradlore_optimizer_keeps_smaller_state(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama()
+    compress(model, remove=0.3, cache_dir=tmp_path)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "weight_" not in n}
+    res = finetune(model, shakespeare_ids(5000), steps=3, batch_size=2, seq_len=32, method="galore", rank=8)
+    assert res.optimizer == "galore"
+    assert 0 < res.optimizer_state_bytes < 2 * 4 * res.trainable_params  # projected moments are smaller than AdamW's
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_top_level_api_is_callable_every_time(tmp_path):
+    import gradlore
+
+    for _ in range(2):  # the second access finds the subpackage bound on `gradlore`; it must still compress
+        rep = gradlore.compress(tiny_llama(), remove=0.2, cache_dir=tmp_path)
+        assert rep.removed_fraction >= 0.2
+    assert gradlore.load_compressed is load_compressed
