@@ -34,6 +34,13 @@ class Correction(NamedTuple):
     dense: Tensor | None = None  # (s, l)
 
 
+def _col_sq(g: Tensor) -> Tensor:
+    """Squared column norms of g (s, l), reducing along whichever axis is contiguous."""
+    if g.stride(0) == 1:  # a transposed view: columns are contiguous rows of the stored gradient
+        return torch.linalg.vector_norm(g, dim=0).square()
+    return g.square().sum(0)
+
+
 def discard(g: Tensor, r: Tensor, d: Tensor, state: dict, group: dict, projector: Any, step: int) -> None:
     return None
 
@@ -41,12 +48,11 @@ def discard(g: Tensor, r: Tensor, d: Tensor, state: dict, group: dict, projector
 def fira(g: Tensor, r: Tensor, d: Tensor, state: dict, group: dict, projector: Any, step: int) -> Correction:
     beta1, beta2 = group["betas"]
     c = (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)
-    rank = r.shape[0]
-    phi = (d.norm(dim=0) / c) / (r.norm(dim=0) + 1e-8)  # (l,)
-    basis = projector.up(torch.eye(rank, dtype=r.dtype, device=r.device), state, g.shape[0])  # (s, r)
-    gram = basis.mT @ basis  # (r, r): the identity up to the basis' rounding
-    g_sq = torch.linalg.vector_norm(g, dim=0).square()  # (l,), one pass over G, no temporary
-    res_sq = g_sq - 2 * r.square().sum(0) + (r * (gram @ r)).sum(0)  # ‖S_j‖², (l,)
+    r_sq = r.square().sum(0)  # ‖R_j‖², (l,); a row-wise sum, fast on the (r, l) layout
+    phi = (d.square().sum(0).sqrt() / c) / (r_sq.sqrt() + 1e-8)  # (l,)
+    gram = projector.gram(state)  # PᵀP (r, r), or None where the basis is orthonormal by construction
+    r_m_r = r_sq if gram is None else (r * (gram @ r)).sum(0)
+    res_sq = _col_sq(g) - 2 * r_sq + r_m_r  # ‖S_j‖² = ‖G_j‖² - 2‖R_j‖² + R_jᵀPᵀPR_j, (l,)
     wide = torch.promote_types(g.dtype, torch.float32)
     norm = (phi.square() * res_sq.clamp_min(0)).sum().sqrt().to(wide)  # ‖S ⊙ φ‖
     gamma = group.get("fira_gamma", 1.01)

@@ -48,7 +48,10 @@ class Projector(Protocol):
 
 
 class ProjectorBase:
-    """``up`` for every projector, from its ``up_add_``."""
+    """``up`` for every projector, from its ``up_add_``; ``gram`` = PᵀP where it is not exactly I."""
+
+    def gram(self, state: dict) -> Tensor | None:
+        return None  # a selection of orthonormal basis columns: PᵀP = I exactly
 
     def up(self, x: Tensor, state: dict, s: int) -> Tensor:
         out = x.new_zeros(s, x.shape[1])

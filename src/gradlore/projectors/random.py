@@ -27,5 +27,9 @@ class RandomProjector(ProjectorBase):
     def down(self, g: Tensor, state: dict) -> Tensor:
         return state["proj.basis"].mT @ g
 
+    def gram(self, state: dict) -> Tensor:
+        basis = state["proj.basis"]
+        return basis.mT @ basis  # (r, r): I up to the basis' rounding (a float32 SVD)
+
     def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
         out.addmm_(state["proj.basis"], x, alpha=alpha)  # (s, r) @ (r, l), added in place
