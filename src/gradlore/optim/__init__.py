@@ -16,7 +16,7 @@ def state_bytes(optimizer: Optimizer, *, include_shared: bool = True) -> int:
     Works for any optimizer: it walks dicts, lists and the attributes of objects kept in the state
     (the peers keep projector objects there). A view that keeps a larger tensor alive (galore-torch's
     projection matrices are views of the whole SVD factor) is charged for the whole storage. With
-    ``include_shared`` the DCT bases that gradlore shares across layers are added once.
+    ``include_shared`` the DCT bases that its DCT-projected weights share (one per size) are added once.
     """
     seen: set[int] = set()
     total = 0
@@ -43,8 +43,17 @@ def state_bytes(optimizer: Optimizer, *, include_shared: bool = True) -> int:
     if include_shared:
         from gradlore.projectors.dct import shared_bytes
 
-        total += shared_bytes()
+        total += shared_bytes(_dct_sizes(optimizer))
     return total
+
+
+def _dct_sizes(optimizer: Optimizer) -> set[int]:
+    """Basis sizes this optimizer's DCT-projected weights use (their shorter side)."""
+    sizes = set()
+    for group in getattr(optimizer, "param_groups", []):
+        if group.get("projector") == "dct":
+            sizes.update(min(p.shape) for p in group["params"] if "proj.indices" in optimizer.state.get(p, {}))
+    return sizes
 
 
 __all__ = ["LowRankAdamW", "state_bytes"]

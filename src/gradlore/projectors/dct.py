@@ -43,9 +43,9 @@ def dct_basis(s: int, dtype: torch.dtype = torch.float32, device: torch.device |
     return _BASES[key]
 
 
-def shared_bytes() -> int:
-    """Bytes held by the shared DCT bases (counted once, whatever the number of layers)."""
-    return sum(b.untyped_storage().nbytes() for b in _BASES.values())
+def shared_bytes(sizes: set[int] | None = None) -> int:
+    """Bytes held by the shared DCT bases (of the given sizes), counted once whatever the number of layers."""
+    return sum(b.untyped_storage().nbytes() for (s, _, _), b in _BASES.items() if sizes is None or s in sizes)
 
 
 def dct_fft(x: Tensor) -> Tensor:
