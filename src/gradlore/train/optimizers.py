@@ -92,36 +92,7 @@ def _galore_torch(model: torch.nn.Module, cfg: Any, common: dict[str, Any]) -> t
 
 
 def state_bytes(optimizer: Any) -> int:
-    """Bytes really retained by the optimizer state.
+    """Bytes really retained by the optimizer state (any optimizer; see ``gradlore.optim.state_bytes``)."""
+    from gradlore.optim import state_bytes as retained
 
-    gradlore's own accounting (``gradlore.optim.state_bytes``) for gradlore optimizers; for others we count
-    each distinct tensor storage reachable from the state, including tensors held by objects in it
-    (galore-torch keeps its projection matrix in a ``GaLoreProjector``).
-    """
-    if type(optimizer).__module__.startswith("gradlore"):
-        from gradlore.optim import state_bytes as gl_state_bytes
-
-        return int(gl_state_bytes(optimizer))
-    seen: set[int] = set()
-    total = 0
-
-    def visit(v: Any) -> None:
-        nonlocal total
-        if torch.is_tensor(v):
-            storage = v.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(v, dict):
-            for x in v.values():
-                visit(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                visit(x)
-        elif hasattr(v, "__dict__"):
-            for x in vars(v).values():
-                visit(x)
-
-    for state in optimizer.state.values():
-        visit(state)
-    return total
+    return int(retained(optimizer))
