@@ -30,7 +30,6 @@ energy_rank_90, top_sv, grad_norm, subspace_cos` (null at the first record), `su
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -62,38 +61,13 @@ def layer_index(name: str) -> int | None:
 def select_weights(
     model: nn.Module, target_modules: str | Iterable[str] = "all-linear"
 ) -> list[tuple[str, nn.Parameter]]:
-    """(name, weight) of the targeted 2-D weights.
+    """(name, weight) of the targeted trainable 2-D weights, chosen as ``gradlore.param_groups`` chooses them:
+    "all-linear" (every linear layer except the output head and embeddings), name fragments, or a regex."""
+    from gradlore.optim.groups import select_targets
 
-    "all-linear": every `nn.Linear` (and transformers' GPT-2 `Conv1D`) except the output head; a list: module
-    names containing any fragment; another string: a regex searched in module names."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    candidates: list[tuple[str, nn.Parameter]] = []
-    for mname, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        is_linear = isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
-        if not is_linear or module is head or not isinstance(w, nn.Parameter) or w.dim() != 2:
-            continue
-        candidates.append((mname, w))
-    if isinstance(target_modules, str) and target_modules == "all-linear":
-        chosen = candidates
-    elif isinstance(target_modules, str):
-        try:
-            pattern = re.compile(target_modules)
-        except re.error as exc:
-            raise UserError(
-                f"target_modules {target_modules!r} is not a valid regex ({exc}); fix the pattern"
-            ) from exc
-        chosen = [(n, w) for n, w in candidates if pattern.search(n)]
-    else:
-        frags = list(target_modules)
-        chosen = [(n, w) for n, w in candidates if any(f in n for f in frags)]
-    if not chosen:
-        sample = sorted({layer_type(n) for n, _ in candidates})
-        raise UserError(
-            f"target_modules {target_modules!r} matches no linear weight; candidates are modules named like "
-            f"{sample} (e.g. {candidates[0][0] if candidates else 'none'}); pass one of those fragments or 'all-linear'"
-        )
-    return [(f"{n}.weight", w) for n, w in chosen if w.requires_grad]
+    names = select_targets(model, target_modules if isinstance(target_modules, str) else list(target_modules))
+    weights = [(n, model.get_parameter(n)) for n in names]
+    return [(n, w) for n, w in weights if w.requires_grad]
 
 
 class GradientRecorder:

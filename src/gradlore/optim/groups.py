@@ -1,7 +1,8 @@
 """Build param groups: which weights are projected, with which preset.
 
 ``target_modules`` follows peft/GaLore conventions:
-- ``"all-linear"``: the 2-D weights of every ``nn.Linear`` except the output head and embeddings;
+- ``"all-linear"``: the 2-D weights of every ``nn.Linear`` (and GPT-2 ``Conv1D``) except the output head
+  and embeddings;
 - a list of name fragments (GaLore's ``["attn", "mlp"]``): a module whose name contains one;
 - any other string: a regular expression searched in the module name.
 """
@@ -28,8 +29,14 @@ def _output_head_ids(model: nn.Module) -> set[int]:
     return ids
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' GPT-2 ``Conv1D`` (a linear layer with its weight stored transposed)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
 def linear_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.weight.dim() == 2]
+    return [(n, m) for n, m in model.named_modules()
+            if _is_linear(m) and isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2]
 
 
 def select_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
@@ -51,7 +58,7 @@ def select_targets(model: nn.Module, target_modules: str | Sequence[str]) -> lis
         names = [n for n, _ in candidates]
         shown = ", ".join(names[:20]) + (f", ... ({len(names)} in all)" if len(names) > 20 else "")
         raise UserError(f"target_modules={target_modules!r} matches no linear layer of this model. "
-                        f"Candidates: {shown or '(none: the model has no nn.Linear)'}. "
+                        f"candidates: {shown or '(none: the model has no nn.Linear)'}. "
                         "Pass 'all-linear', a list of name fragments, or a regex.")
     return [f"{n}.weight" if n else "weight" for n in chosen]
 
