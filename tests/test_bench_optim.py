@@ -9,9 +9,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from gradlore.bench import optim as bench  # noqa: E402
+from gradlore.optim.state import retained_bytes, state_bytes  # noqa: E402
 
-TINY = ["--hidden", "32", "--intermediate", "48", "--heads", "2", "--layers", "1", "--vocab", "64",
-        "--rank", "4", "--gap", "3", "--warmup", "1", "--tail", "1", "--threads", "1"]  # fmt: skip
+TINY = ["--model", "tiny", "--vocab", "64", "--rank", "4", "--gap", "3", "--warmup", "1", "--tail", "1",
+        "--threads", "1"]
 
 
 class _Projector:  # stands in for a peer's projector object kept in optimizer state
@@ -22,13 +23,13 @@ class _Projector:  # stands in for a peer's projector object kept in optimizer s
 def test_state_counter_charges_a_views_whole_storage() -> None:
     factor = torch.zeros(64, 32)  # 8 KiB storage
     view = factor[:4]  # nominal 512 B, keeps all 8 KiB alive
-    assert bench.retained_bytes({"p": {"proj": view}}) == factor.untyped_storage().nbytes() == 64 * 32 * 4
+    assert retained_bytes({"p": {"proj": view}}) == factor.untyped_storage().nbytes() == 64 * 32 * 4
     # through a Python object's attribute, as galore-torch stores it; a shared storage counted once
     state = {"a": {"projector": _Projector(view)}, "b": {"m": factor[4:8], "v": torch.ones(3)}}
-    assert bench.retained_bytes(state) == 64 * 32 * 4 + 3 * 4
+    assert retained_bytes(state) == 64 * 32 * 4 + 3 * 4
     # parameters and grads are excluded even when state refers to them
     p = torch.ones(10)
-    assert bench.retained_bytes({"x": p, "y": torch.ones(2)}, exclude=[p]) == 8
+    assert retained_bytes({"x": p, "y": torch.ones(2)}, exclude=[p]) == 8
 
 
 def test_state_counter_on_a_real_optimizer() -> None:
@@ -37,13 +38,13 @@ def test_state_counter_on_a_real_optimizer() -> None:
     opt = torch.optim.AdamW([w], foreach=False)
     opt.step()
     # two float32 moments of 48 values plus the 0-d float step tensor
-    assert bench.optimizer_state_bytes(opt) == 2 * 48 * 4 + 4
+    assert state_bytes(opt) == 2 * 48 * 4 + 4
     assert bench.nominal_moment_bytes(opt) == 2 * 48 * 4
 
 
 def test_harness_tiny_has_a_row_per_method(capsys) -> None:
     methods = list(bench.method_table())
-    assert {"adamw-forloop", "adamw-fused", "galore-torch", "fira"} <= set(methods)
+    assert {"adamw-forloop", "adamw-fused", "galore-torch", "fira-adamw", "gradlore-dct"} <= set(methods)
     rc = bench.main(TINY)
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")]

@@ -1,5 +1,6 @@
-"""End-to-end training on real text (tiny LLaMA, tiny-shakespeare): learning, golden curve, exact resume
-after SIGKILL / SIGTERM, non-finite steps, corrupt checkpoints, layer-wise mode, fine-tuning, CLI errors.
+"""End-to-end training on real text (tiny LLaMA, the packaged tiny-shakespeare head): learning, golden curve,
+exact resume after SIGKILL / SIGTERM, what --resume may change, non-finite steps, corrupt checkpoints and
+configs, layer-wise mode, fine-tuning, CLI errors.
 
 Regenerate the golden curve after an intended behaviour change with
 ``python tests/test_train.py --regen`` (and say why in the commit).
@@ -24,13 +25,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADLORE_CACHE", tempfile.mkdtemp(prefix="gradlore-cache-"))
 
 from gradlore.cli import main as cli_main  # noqa: E402
-from gradlore.train import loop  # noqa: E402
-from gradlore.train.config import resolve  # noqa: E402
-from gradlore.train.loop import read_losses, run  # noqa: E402
+from gradlore.data.corpora import resolve_corpus  # noqa: E402
+from gradlore.train import trainer  # noqa: E402
+from gradlore.train.presets import resolve  # noqa: E402
+from gradlore.train.rundir import read_losses  # noqa: E402
+from gradlore.train.trainer import run  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SHAKESPEARE = DATA / "tinyshakespeare.txt"
+SHAKESPEARE = resolve_corpus("tiny-shakespeare")  # carried by the package: no download, no ../shared
 GOLDEN = Path(__file__).resolve().parent / "golden" / "train_tiny_dct.json"
 
 
@@ -116,7 +118,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, small_text: Path) -> 
 
 def test_sigterm_checkpoints_and_resume_matches(tiny_run, tmp_path: Path, monkeypatch) -> None:
     calls = {"n": 0}
-    real = loop.forward_loss
+    real = trainer.forward_loss
 
     def forward(model, batch):
         if model.training:
@@ -125,18 +127,18 @@ def test_sigterm_checkpoints_and_resume_matches(tiny_run, tmp_path: Path, monkey
                 os.kill(os.getpid(), signal.SIGTERM)
         return real(model, batch)
 
-    monkeypatch.setattr(loop, "forward_loss", forward)
+    monkeypatch.setattr(trainer, "forward_loss", forward)
     out = tmp_path / "run"
     summary = run(tiny(), out)
     assert summary["status"] == "interrupted" and summary["steps"] == 7
-    monkeypatch.setattr(loop, "forward_loss", real)
+    monkeypatch.setattr(trainer, "forward_loss", real)
     summary = run(tiny(), out, resume=True)
     assert summary["status"] == "completed"
     assert losses(out) == losses(tiny_run[0])
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path: Path, small_text: Path, monkeypatch) -> None:
-    real = loop.forward_loss
+    real = trainer.forward_loss
     calls = {"n": 0}
     bad = {3} | set(range(14, 100))  # one isolated bad step, then divergence from step 14
 
@@ -148,7 +150,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path: Path, small_text: Path
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(loop, "forward_loss", forward)
+    monkeypatch.setattr(trainer, "forward_loss", forward)
     out = tmp_path / "run"
     summary = run(tiny("train.max_bad_steps=3", "train.ckpt_every=5", data=small_text), out)
     assert summary["status"] == "diverged" and summary["steps"] == 16
@@ -241,7 +243,7 @@ def _regen() -> None:
         train, val = read_losses(out / "metrics.jsonl")
     GOLDEN.parent.mkdir(exist_ok=True)
     GOLDEN.write_text(json.dumps({
-        "what": "gradlore train --preset tiny --data ../shared/data/tinyshakespeare.txt (DCT, 30 steps, 1 thread)",
+        "what": "gradlore train --preset tiny (DCT, 30 steps, 1 thread) on the packaged tiny-shakespeare head",
         "torch": torch.__version__, "train_loss": [v for _, v in train], "val_loss": [v for _, v in val],
     }, indent=1) + "\n")
     print(f"wrote {GOLDEN}")
@@ -250,3 +252,102 @@ def _regen() -> None:
 if __name__ == "__main__":
     if "--regen" in sys.argv:
         _regen()
+
+
+def test_resume_applies_a_new_lr_and_schedule_and_records_it(tmp_path: Path, small_text: Path) -> None:
+    out = tmp_path / "run"
+    base = ["train", "--preset", "tiny", "--data", str(small_text), "--out", str(out)]
+    assert cli_main([*base, "--steps", "10"]) == 0
+    assert cli_main(["train", "--out", str(out), "--resume", "--steps", "20", "--lr", "1e-3"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resume = [r for r in records if r["kind"] == "resume"]
+    assert resume == [{"kind": "resume", "step": 10, "changed": {"optim.lr": [3e-3, 1e-3], "train.steps": [10, 20]}}]
+    lr = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
+    from gradlore.train.schedule import WarmupCosine
+
+    f = WarmupCosine(2, 20, 0.1)  # 10% warmup of the new 20 steps, cosine to 10%
+    assert [lr[s] for s in range(11, 21)] == pytest.approx([1e-3 * f(t) for t in range(10, 20)], rel=1e-12)
+    assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 1e-3
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--optimizer", "adamw"], "optim.name: 'dct' in the run, 'adamw' now"),
+    (["--rank", "8"], "optim.rank: 16 in the run, 8 now"),
+    (["--set", "data.block_size=32"], "data.block_size: 64 in the run, 32 now"),
+    (["--preset", "default"], "the preset cannot change"),
+])
+def test_resume_refuses_what_would_change_the_run(flags: list[str], message: str, tmp_path: Path,
+                                                   small_text: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert cli_main(["train", "--preset", "tiny", "--data", str(small_text), "--out", str(out), "--steps", "4"]) == 0
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert cli_main(["train", "--out", str(out), "--resume", "--steps", "8", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Fix" in err, err
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing written
+
+
+def test_corrupt_run_config_and_both_checkpoints(tmp_path: Path, small_text: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert cli_main(["train", "--preset", "tiny", "--data", str(small_text), "--out", str(out), "--steps", "20"]) == 0
+    config = out / "config.json"
+    good = config.read_text()
+    config.write_text(good[: len(good) // 2])
+    assert cli_main(["train", "--out", str(out), "--resume"]) == 2
+    assert "is not a readable gradlore run config" in capsys.readouterr().err
+    config.write_text(good)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (out / "checkpoints" / name).write_bytes(b"not a checkpoint")
+    assert cli_main(["train", "--out", str(out), "--resume", "--steps", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt is corrupt or truncated" in err and "trying the previous one" in err
+    assert "checkpoint.prev.pt is corrupt or truncated" in err and "no other is left" in err
+    assert "no usable checkpoint" in err
+
+
+def test_finetune_and_analyze_are_runs_of_the_one_trainer(tiny_run, tmp_path: Path, small_text: Path) -> None:
+    # full fine-tuning of a trained dense model through `gradlore finetune`
+    out = tmp_path / "ft"
+    assert cli_main(["finetune", "--model", str(tiny_run[0] / "final"), "--data", str(small_text), "--full",
+                     "--steps", "3", "--block-size", "32", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trainable_params"] == summary["params"] and (out / "final" / "config.json").exists()
+    # LRC-only on a dense model is refused with the fix
+    with pytest.raises(Exception, match="no low-rank components"):
+        run(resolve("finetune", [f"model.init={tiny_run[0] / 'final'}", f"data.path={small_text}"]), tmp_path / "x")
+    # analysis = training + the gradient-rank hook, with its plot and table
+    out = tmp_path / "an"
+    assert cli_main(["analyze", "--data", str(small_text), "--model", "tiny", "--steps", "6", "--every", "2",
+                     "--batch-size", "2", "--block-size", "32", "--set", "data.vocab_size=400", "--out", str(out)]) == 0
+    stats = [json.loads(line) for line in (out / "gradient_stats.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in stats}) == [0, 2, 4]
+    assert (out / "gradient_rank.png").exists() and "layer type" in (out / "gradient_rank.md").read_text()
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_layerwise_resume_after_sigterm_is_bit_exact(accum: int, tmp_path: Path, small_text: Path,
+                                                     monkeypatch) -> None:
+    """Layer-wise updates resume exactly, with and without accumulation: the LR schedule keeps reaching the
+    per-parameter optimizers after load_state_dict replaced the group dicts their hooks read."""
+    sets = ["optim.layerwise=true", "optim.grad_clip=0", f"train.grad_accum={accum}", "train.steps=20",
+            "train.ckpt_every=100", "optim.update_proj_gap=4"]
+    reference = run(tiny(*sets, data=small_text), tmp_path / "reference")
+    calls = {"n": 0}
+    real = trainer.forward_loss
+
+    def forward(model, batch):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 13 * accum:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, batch)
+
+    monkeypatch.setattr(trainer, "forward_loss", forward)
+    out = tmp_path / "run"
+    assert run(tiny(*sets, data=small_text), out)["steps"] == 13
+    monkeypatch.setattr(trainer, "forward_loss", real)
+    assert run(tiny(*sets, data=small_text), out, resume=True)["status"] == reference["status"] == "completed"
+    assert losses(out) == losses(tmp_path / "reference")
+    lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["kind"] == "train"]
+    assert len(set(lrs)) > 10  # the schedule moved the LR at every step, across the resume

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from gradlore.errors import UserError
+from gradlore.optim.parts import SLOTS
 from gradlore.train import checkpoint as ck
-from gradlore.train.config import PRESETS, RunConfig, apply_override, preset, resolve
+from gradlore.train.config import RunConfig, apply_override, field_names
+from gradlore.train.presets import PRESETS, preset, resolve
 from gradlore.train.schedule import WarmupCosine, warmup_cosine
 
 
@@ -24,7 +26,7 @@ def test_overrides_parse_by_field_type() -> None:
 
 
 @pytest.mark.parametrize("assignment,match", [
-    ("optim.rnak=64", "unknown config field 'optim.rnak'.*optim.rank"),
+    ("optim.rnak=64", "unknown config field 'optim.rnak'. Did you mean 'optim.rank'"),
     ("nosuch.x=1", "unknown config field"),
     ("optim.rank=sixty", "expected an int"),
     ("train.bf16=maybe", "expected a bool"),
@@ -40,7 +42,12 @@ def test_bad_overrides_are_user_errors(assignment: str, match: str) -> None:
 @pytest.mark.parametrize("assignment,match", [
     ("model.size=llama_7t", "unknown model size"),
     ("optim.name=sgdx", "unknown optimizer 'sgdx'"),
+    ("optim.name=gallore", "Did you mean 'galore'"),
+    ('optim.overrides={"fira_gama": 1.05}', "unknown key 'fira_gama'. Did you mean 'fira_gamma'"),
+    ('optim.overrides={"dct_norm": "L1"}', "dct_norm='L1' is not allowed.*Did you mean 'l1'"),
+    ("model.trainable=lcr", "Did you mean 'lrc'"),
     ("optim.rank=0", "optim.rank=0 must be > 0"),
+    ("analysis.every=-1", "analysis.every=-1 must be >= 0"),
     ("train.steps=-1", "must be > 0"),
     ("data.val_fraction=1.5", "val_fraction"),
     ("optim.layerwise=true", "clipping"),
@@ -114,3 +121,24 @@ def test_rng_state_roundtrip() -> None:
     ck.set_rng_state(state)
     b = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+@pytest.mark.parametrize("field", field_names(RunConfig()))
+def test_every_config_field_names_a_typo(field: str) -> None:
+    """A typo in any --set field is an error that suggests the field meant."""
+    section, name = field.split(".")
+    typo = f"{section}.{name[:-1] + name[-1] * 2}"
+    with pytest.raises(UserError, match=rf"unknown config field '{typo}'\. Did you mean .*'{field}'"):
+        apply_override(preset("tiny"), f"{typo}=1")
+
+
+def _group_option_keys() -> list[str]:
+    keys = {k for registry in SLOTS.values() for name in registry for k in registry.options(name)}
+    return sorted(keys)
+
+
+@pytest.mark.parametrize("key", _group_option_keys())
+def test_every_group_option_typo_in_set_overrides_is_named(key: str) -> None:
+    typo = key[:-1] + key[-1] * 2
+    with pytest.raises(UserError, match=rf"unknown key '{typo}'\. Did you mean .*'{key}'"):
+        resolve("tiny", [f'optim.overrides={{"{typo}": 1}}'])

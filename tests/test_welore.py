@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,13 +23,17 @@ from transformers import (  # noqa: E402
     Qwen2ForCausalLM,
 )
 
-from gradlore.compress.finetune import finetune  # noqa: E402
-from gradlore.compress.lowrank_linear import LowRankLinear  # noqa: E402
+from gradlore.cli import main as cli_main  # noqa: E402
+from gradlore.compress.lowrank_linear import LowRankLinear, is_factored  # noqa: E402
 from gradlore.compress.welore import compress, load_compressed, save_compressed  # noqa: E402
+from gradlore.data.corpora import resolve_corpus  # noqa: E402
 from gradlore.errors import UserError  # noqa: E402
+from gradlore.train.presets import resolve  # noqa: E402
+from gradlore.train.rundir import read_losses  # noqa: E402
+from gradlore.train.trainer import run  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-VOCAB = 256
+SHAKESPEARE = resolve_corpus("tiny-shakespeare")  # carried by the package
+VOCAB = 320  # byte ids (< 256) and the test BPE (256 bytes + merges + specials) both fit
 
 
 def tiny_llama(tied: bool = True) -> LlamaForCausalLM:
@@ -64,7 +68,7 @@ MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "qwen2": tiny_qwen2, "mistral"
 
 def shakespeare_ids(n: int) -> torch.Tensor:
     """Real text as byte ids (vocab 256): enough structure for a loss to fall."""
-    text = (SHARED_DATA / "tinyshakespeare.txt").read_bytes()[: n]
+    text = SHAKESPEARE.read_bytes()[: n]
     return torch.tensor(list(text), dtype=torch.long)
 
 
@@ -209,39 +213,55 @@ def test_data_aware_compression_runs_with_calibration_text(tmp_path):
     assert rep2.n_lrc == rep2.n_targets
 
 
+def finetune(model: torch.nn.Module, tmp_path: Path, *sets: str, trainable: str = "lrc", steps: int = 3,
+             name: str = "run") -> tuple[dict, Path]:
+    """Fine-tune ``model`` with the one training loop (``gradlore finetune``'s preset): (summary, run folder)."""
+    folder = tmp_path / f"{name}-model"
+    if is_factored(model):
+        save_compressed(model, folder)
+    else:
+        model.save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    out = tmp_path / name
+    cfg = resolve("finetune", [f"model.init={folder}", f"data.path={SHAKESPEARE}", f"model.trainable={trainable}",
+                               "data.block_size=64", "train.batch_size=4", f"train.steps={steps}",
+                               "train.progress=false", "train.threads=1", *sets])
+    return run(cfg, out), out
+
+
 def test_lrc_only_finetune_trains_factors_and_freezes_the_rest(tmp_path):
     torch.manual_seed(0)
     model = tiny_llama()
     compress(model, remove=0.3, cache_dir=tmp_path)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ids = shakespeare_ids(20_000)
-    res = finetune(model, ids, steps=30, batch_size=4, seq_len=64, lr=3e-3, warmup=1)
-    assert res.mode == "lrc"
+    res, out = finetune(model, tmp_path, "optim.lr=3e-3", steps=30)
     lrc_params = {f"{n}.{w}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for w in ("weight_a", "weight_b")}
-    assert res.trainable_params == sum(before[n].numel() for n in lrc_params)
-    for name, p in model.named_parameters():
+    assert res["trainable_params"] == sum(before[n].numel() for n in lrc_params)
+    after = dict(load_compressed(out / "final").named_parameters())
+    for name in before:
         if name in lrc_params:
-            assert not torch.equal(p, before[name]), name
+            assert not torch.equal(after[name], before[name]), name
         else:  # N-LRC weights, embeddings (tied head), norms, LRC biases: untouched
-            assert torch.equal(p, before[name]), name
-    assert sum(res.losses[-5:]) / 5 < sum(res.losses[:5]) / 5
-    assert res.optimizer_state_bytes == 2 * 4 * res.trainable_params + 4 * len(lrc_params)  # exp_avg, exp_avg_sq, step
-    assert res.tokens_per_s > 0 and res.peak_memory_bytes > 0
+            assert torch.equal(after[name], before[name]), name
+    losses = [v for _, v in read_losses(out / "metrics.jsonl")[0]]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    assert res["opt_state_bytes"] == 2 * 4 * res["trainable_params"] + 4 * len(lrc_params)  # exp_avg, exp_avg_sq, step
+    assert res["tokens_per_s"] > 0 and res["peak_rss_bytes"] > 0
 
 
 def test_full_finetune_baseline_and_norms_option(tmp_path):
     torch.manual_seed(0)
     dense = tiny_llama()
-    res = finetune(dense, shakespeare_ids(5000), steps=2, batch_size=2, seq_len=32, full=True)
-    assert res.mode == "full" and res.trainable_params == sum(p.numel() for p in dense.parameters())
+    res, _ = finetune(dense, tmp_path, trainable="all", steps=2, name="full")
+    assert res["trainable_params"] == sum(p.numel() for p in dense.parameters())
     with pytest.raises(UserError, match="compress it first"):
-        finetune(tiny_llama(), shakespeare_ids(5000), steps=1, seq_len=32)
+        finetune(tiny_llama(), tmp_path, steps=1, name="dense-lrc")
     m = tiny_llama()
     compress(m, remove=0.3, cache_dir=tmp_path)
-    res = finetune(m, shakespeare_ids(5000), steps=1, batch_size=2, seq_len=32, train_norms=True)
+    res, _ = finetune(m, tmp_path, trainable="lrc+norms", steps=1, name="norms")
     norms = sum(p.numel() for n, p in m.named_parameters() if "norm" in n)
     factors = sum(p.numel() for n, p in m.named_parameters() if "weight_a" in n or "weight_b" in n)
-    assert res.trainable_params == norms + factors
+    assert res["trainable_params"] == norms + factors
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
@@ -253,22 +273,14 @@ def _tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([(SHARED_DATA / "tinyshakespeare.txt").read_text()[:50_000]], trainer)
+    tok.train_from_iterator([SHAKESPEARE.read_text()[:50_000]], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
 def _cli(argv: list[str]) -> int:
-    """Run our sub-commands the way gradlore.cli.main does (UserError -> exit 2)."""
-    from gradlore.compress.cli import add_parser
-
-    parser = argparse.ArgumentParser(prog="gradlore")
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"error: {exc}")
-        return 2
+    """The command line as a user runs it; errors are printed to stdout for the assertions below."""
+    code = cli_main(argv)
+    return code
 
 
 def test_cli_compress_eval_finetune(tmp_path, capsys, monkeypatch):
@@ -277,8 +289,12 @@ def test_cli_compress_eval_finetune(tmp_path, capsys, monkeypatch):
     dense = tmp_path / "dense"
     tiny_llama().save_pretrained(dense)
     _tokenizer().save_pretrained(dense)
-    wiki = str(SHARED_DATA / "wikitext2-raw-test.txt")
-    shakes = str(SHARED_DATA / "tinyshakespeare.txt")
+    wiki = tmp_path / "pydoc.txt"  # evaluation text disjoint from the calibration text
+    from pydoc_data.topics import topics
+
+    wiki.write_text("\n\n".join(topics[k] for k in sorted(topics))[:20_000])
+    wiki = str(wiki)
+    shakes = str(SHAKESPEARE)
     comp = tmp_path / "comp"
     assert _cli(["compress", "--model", str(dense), "--remove", "0.2", "--method", "welore", "--out", str(comp),
                  "--data-aware", "whiten", "--calibration", shakes, "--calibration-tokens", "1024",
@@ -288,7 +304,7 @@ def test_cli_compress_eval_finetune(tmp_path, capsys, monkeypatch):
     assert (comp / "welore.json").exists() and (comp / "tokenizer.json").exists()
     # refuses to overwrite, exit status 2
     assert _cli(["compress", "--model", str(dense), "--remove", "0.2", "--out", str(comp)]) == 2
-    assert "--overwrite" in capsys.readouterr().out
+    assert "--overwrite" in capsys.readouterr().err
     assert _cli(["compress", "--model", str(dense), "--remove", "1.5", "--out", str(tmp_path / "x")]) == 2
     for model in (dense, comp):
         assert _cli(["eval", "--model", str(model), "--data", wiki, "--context", "64", "--stride", "32",
@@ -297,11 +313,17 @@ def test_cli_compress_eval_finetune(tmp_path, capsys, monkeypatch):
         res = json.loads(printed[printed.index("{"):])
         assert res["tokens_scored"] == 511 and res["context"] == 64 and res["stride"] == 32
         assert res["perplexity"] > 1
+    for bad, message in ((["--stride", "0"], "--stride 0 must lie in [1, --context=64]"),
+                         (["--context", "4096"], "--context 4096 is longer than"),
+                         (["--data", sys.executable], "binary")):
+        argv = ["eval", "--model", str(dense), "--data", wiki, "--context", "64", "--max-tokens", "256", *bad]
+        assert _cli(argv) == 2
+        assert message in capsys.readouterr().err
     ft = tmp_path / "ft"
     assert _cli(["finetune", "--model", str(comp), "--data", shakes, "--steps", "3", "--batch-size", "2",
-                 "--seq-len", "32", "--out", str(ft), "--log-every", "0"]) == 0
-    assert "trainable params" in capsys.readouterr().out
-    assert load_compressed(ft) is not None
+                 "--block-size", "32", "--out", str(ft)]) == 0
+    assert "trainable:" in capsys.readouterr().out
+    assert load_compressed(ft / "final") is not None
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
@@ -326,8 +348,8 @@ def test_embedding_compression_keeps_tied_head_shared(family, tmp_path):
     assert torch.equal(loaded(input_ids=x).logits, logits)
     if tied:
         assert loaded.get_output_embeddings().weight_b is loaded.get_input_embeddings().weight_b
-    res = finetune(loaded, shakespeare_ids(3000), steps=2, batch_size=2, seq_len=32, lr=1e-3)
-    assert res.trainable_params == sum(p.numel() for n, p in loaded.named_parameters() if "weight_" in n)
+    res, _ = finetune(loaded, tmp_path, "optim.lr=1e-3", steps=2)
+    assert res["trainable_params"] == sum(p.numel() for n, p in loaded.named_parameters() if "weight_" in n)
 
 
 def test_lrc_finetune_with_a_gradlore_optimizer_keeps_smaller_state(tmp_path):
@@ -335,10 +357,11 @@ def test_lrc_finetune_with_a_gradlore_optimizer_keeps_smaller_state(tmp_path):
     model = tiny_llama()
     compress(model, remove=0.3, cache_dir=tmp_path)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if "weight_" not in n}
-    res = finetune(model, shakespeare_ids(5000), steps=3, batch_size=2, seq_len=32, method="galore", rank=8)
-    assert res.optimizer == "galore"
-    assert 0 < res.optimizer_state_bytes < 2 * 4 * res.trainable_params  # projected moments are smaller than AdamW's
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    res, out = finetune(model, tmp_path, "optim.name=galore", "optim.rank=8", steps=3)
+    assert res["optimizer"] == "galore"
+    assert 0 < res["opt_state_bytes"] < 2 * 4 * res["trainable_params"]  # projected moments are smaller than AdamW's
+    after = dict(load_compressed(out / "final").named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in frozen.items())
 
 
 def test_top_level_api_is_callable_every_time(tmp_path):

@@ -9,12 +9,13 @@ See README.md for the command line (`gradlore train | compress | finetune | eval
 
 from __future__ import annotations
 
-from gradlore import presets
 from gradlore.compress.welore import compress, load_compressed  # binds the functions over the subpackage
 from gradlore.errors import UserError
+from gradlore.optim import presets
 from gradlore.optim.groups import param_groups
 from gradlore.optim.layerwise import layerwise
 from gradlore.optim.lowrank_adamw import LowRankAdamW
+from gradlore.optim.state import state_bytes
 
 __version__ = "0.1.0"
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "load_compressed",
     "param_groups",
     "presets",
+    "state_bytes",
 ]
 

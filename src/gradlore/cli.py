@@ -1,44 +1,27 @@
 """`gradlore` command line: one entry point, one sub-command per job.
 
-Each sub-command lives next to the code it drives and exposes ``add_parser(subparsers)`` that
-registers its arguments and sets ``func``; this module only wires them together.
+Each sub-command's parser lives next to the code it drives; this table wires them in, one line each.
 Exit status: 0 on success, 2 on bad input (argparse's convention), 1 on an unexpected failure.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
+from gradlore.bench.cli import add_bench
+from gradlore.compress.cli import add_compress, add_eval
 from gradlore.errors import UserError
+from gradlore.train.cli import add_analyze, add_finetune, add_train
 
-# name -> module that defines add_parser(subparsers). Registration is explicit, one line each.
-COMMANDS = {
-    "train": "gradlore.train.cli",
-    "compress": "gradlore.compress.cli",
-    "finetune": "gradlore.compress.cli",
-    "eval": "gradlore.compress.cli",
-    "analyze": "gradlore.analysis.cli",
-    "bench": "gradlore.bench.cli",
-}
+COMMANDS = [add_train, add_finetune, add_analyze, add_compress, add_eval, add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradlore", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    seen = set()
-    for module_name in COMMANDS.values():
-        if module_name in seen:
-            continue
-        seen.add(module_name)
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:  # a half-built checkout must still show the other commands
-            if exc.name and exc.name.startswith("gradlore"):
-                continue
-            raise
-        module.add_parser(sub)
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

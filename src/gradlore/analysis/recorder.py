@@ -39,6 +39,7 @@ from torch import nn
 
 from gradlore.analysis import stats
 from gradlore.errors import UserError
+from gradlore.optim.groups import select_targets
 
 RECORD_KEYS = ("step", "name", "type", "layer", "stable_rank", "subspace_cos")
 
@@ -63,8 +64,6 @@ def select_weights(
 ) -> list[tuple[str, nn.Parameter]]:
     """(name, weight) of the targeted trainable 2-D weights, chosen as ``gradlore.param_groups`` chooses them:
     "all-linear" (every linear layer except the output head and embeddings), name fragments, or a regex."""
-    from gradlore.optim.groups import select_targets
-
     names = select_targets(model, target_modules if isinstance(target_modules, str) else list(target_modules))
     weights = [(n, model.get_parameter(n)) for n in names]
     return [(n, w) for n, w in weights if w.requires_grad]
@@ -104,11 +103,8 @@ class GradientRecorder:
         self.targets = select_weights(model, target_modules)
         self.records: list[dict[str, Any]] = []
         self._prev_basis: dict[str, torch.Tensor] = {}  # name -> (d, r) basis at the previous record
-        self._file: IO[str] | None = None
+        self._file: IO[str] | None = None  # opened (for appending) at the first record
         self.path = Path(path) if path is not None else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
         self._hooks: list[Any] = []
         self._armed_step: int | None = None
 
@@ -129,6 +125,10 @@ class GradientRecorder:
         return out
 
     # -- hook mode --------------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
+
     def attach(self) -> GradientRecorder:
         """Record from post-accumulate-grad hooks; drive with `begin_step(step, final)` before each backward."""
         if self._hooks:
@@ -180,7 +180,10 @@ class GradientRecorder:
             rec["weight_stable_rank"] = stats.stable_rank(w.detach())
         self._prev_basis[name] = basis
         self.records.append(rec)
-        if self._file is not None:
+        if self.path is not None:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = self.path.open("a", encoding="utf-8")
             self._file.write(json.dumps(rec) + "\n")
             self._file.flush()
         return rec

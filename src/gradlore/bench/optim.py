@@ -10,14 +10,14 @@ What one projected step costs, for a gradient G (m×n, m ≤ n after orientation
                                               or top-r DCT columns by ‖Cᵀ G‖ per column (O(mn log n) / O(m²n))
     every step:                               R = Pᵀ G (r×n);  Adam on R;  W ← W − lr·scale·P·Adam(R)
 
-Setting: GaLore's `llama_60m` shapes (HF `LlamaConfig`: hidden 512, intermediate 1376, 8 heads, 8 layers,
+Setting: GaLore's `llama_60m` shapes (`gradlore.models.SIZES`: hidden 512, intermediate 1376, 8 heads, 8 layers;
 vocab 32000, untied head), rank 128 on every attention and MLP weight. Gradients are seeded random and fixed
-(no forward/backward); only `optimizer.step()` is timed.
+(no forward/backward); only `optimizer.step()` is timed. Every optimizer is built by `gradlore.optim.build`.
 
-Retained state is measured, not trusted: every tensor reachable from `optimizer.state` (walking dicts, lists
-and Python objects' attributes, since the peers keep projector objects in state) is reduced to its *storage*
-and each storage is counted once with its full `nbytes`, so a view that keeps a whole SVD factor alive is
-charged for the whole factor.
+Retained state is measured, not trusted (`gradlore.optim.state`): every tensor reachable from
+`optimizer.state` is reduced to its *storage* and each storage is counted once with its full `nbytes`, so a
+view that keeps a whole SVD factor alive is charged for the whole factor; gradlore's shared DCT bases
+(`gradlore.projectors.DCT_BASES`, cleared before each method) are added.
 
 Run: ``python -m gradlore.bench.optim`` or ``gradlore bench optim`` (``--help`` for the knobs).
 """
@@ -31,78 +31,21 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from gradlore.errors import UserError
+from gradlore.errors import UserError, did_you_mean
+from gradlore.models import build_llama
+from gradlore.optim.build import PEERS, OptimConfig, build_optimizer
+from gradlore.optim.presets import PRESETS
+from gradlore.optim.state import retained_bytes, state_bytes, walk_tensors
+from gradlore.projectors import DCT_BASES
 
 MiB = 2**20
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Retained-state accounting
-# ----------------------------------------------------------------------------------------------------------
-def _walk_tensors(obj: object, seen: set[int], out: list[torch.Tensor], depth: int = 0) -> None:
-    """Collect every tensor reachable from `obj` (containers and plain objects' attributes)."""
-    if depth > 12 or id(obj) in seen:
-        return
-    seen.add(id(obj))
-    if isinstance(obj, torch.Tensor):
-        out.append(obj)
-        return
-    if isinstance(obj, (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device)):
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _walk_tensors(k, seen, out, depth + 1)
-            _walk_tensors(v, seen, out, depth + 1)
-        return
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        for v in obj:
-            _walk_tensors(v, seen, out, depth + 1)
-        return
-    if isinstance(obj, (nn.Module, torch.optim.Optimizer)) or callable(obj):
-        return  # a model or optimizer reachable from state is not state; functions hold no tensors we own
-    attrs = getattr(obj, "__dict__", None)
-    if attrs is not None:
-        _walk_tensors(attrs, seen, out, depth + 1)
-    for slot in getattr(type(obj), "__slots__", ()):
-        if hasattr(obj, slot):
-            _walk_tensors(getattr(obj, slot), seen, out, depth + 1)
-
-
-def _storage_key(t: torch.Tensor) -> tuple[str, int, int]:
-    s = t.untyped_storage()
-    return (str(t.device), s.data_ptr(), s.nbytes())
-
-
-def retained_bytes(state: object, exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the unique storages reachable from `state`, each counted in full (views included).
-
-    `exclude`: tensors whose storages are not state (parameters and their gradients)."""
-    excluded = {_storage_key(t) for t in exclude if t is not None}
-    tensors: list[torch.Tensor] = []
-    _walk_tensors(state, set(), tensors)
-    storages: dict[tuple[str, int, int], int] = {}
-    for t in tensors:
-        if t.device.type == "meta":
-            continue
-        key = _storage_key(t)
-        if key in excluded:
-            continue
-        storages[key] = key[2]
-    return sum(storages.values())
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes really retained by `optimizer.state` (parameters and gradients not counted)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    grads = [p.grad for p in params if p.grad is not None]
-    return retained_bytes(dict(optimizer.state), exclude=params + grads)
 
 
 def nominal_moment_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -123,21 +66,17 @@ def nominal_moment_bytes(optimizer: torch.optim.Optimizer) -> int:
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class BenchConfig:
-    hidden: int = 512
-    intermediate: int = 1376
-    heads: int = 8
-    layers: int = 8
+    model: str = "llama_60m"
     vocab: int = 32000
     rank: int = 128
     gap: int = 50  # update_proj_gap: refreshes at steps 0, gap, 2·gap, ... (0-based, before the increment)
     warmup: int = 2  # steps excluded from the steady median (allocation, first refresh)
     tail: int = 3  # steady steps measured after the timed refresh
     lr: float = 1e-3
-    scale: float = 0.25
     seed: int = 0
     threads: int = 2
     methods: list[str] | None = None  # None: all
-    target_modules: list[str] = field(default_factory=lambda: ["attn", "mlp"])
+    target_modules: str = "attn,mlp"  # GaLore's README convention, for every method
 
 
 @dataclass
@@ -145,9 +84,8 @@ class Row:
     method: str
     state_bytes: int | None = None
     nominal_bytes: int | None = None
-    reported_bytes: int | None = None  # the optimizer's own `state_bytes`, when it has one
-    # derived data shared across layers outside `optimizer.state` (gradlore's DCT bases)
-    shared_bytes: int = 0
+    reported_bytes: int | None = None  # gradlore's own `state_bytes`, for gradlore's optimizers
+    shared_bytes: int = 0  # derived data shared across layers outside `optimizer.state` (gradlore's DCT bases)
     index_bytes: int = 0  # integer tensors (dim ≥ 1) in the state: projection indices
     first_s: float | None = None
     steady_s: float | None = None
@@ -156,91 +94,25 @@ class Row:
     error: str | None = None
 
 
-def build_model(cfg: BenchConfig) -> nn.Module:
-    """A randomly initialised HF LLaMA with GaLore's shapes (no data, no hub)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(cfg.seed)
-    config = LlamaConfig(
-        hidden_size=cfg.hidden,
-        intermediate_size=cfg.intermediate,
-        num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads,
-        num_hidden_layers=cfg.layers,
-        vocab_size=cfg.vocab,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config)
-
-
-def _peer_groups(model: nn.Module, cfg: BenchConfig, scale_key: str) -> list[dict]:
-    """GaLore/Fira README convention: Linear weights whose module name contains "attn" or "mlp" are projected."""
-    projected = [
-        m.weight
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and any(k in name for k in cfg.target_modules)
-    ]
-    ids = {id(p) for p in projected}
-    regular = [p for p in model.parameters() if id(p) not in ids]
-    return [
-        {"params": regular},
-        {
-            "params": projected,
-            "rank": cfg.rank,
-            "update_proj_gap": cfg.gap,
-            scale_key: cfg.scale,
-            "proj_type": "std",
-        },
-    ]
-
-
 Factory = Callable[[nn.Module, BenchConfig], torch.optim.Optimizer]
 
 
+def _built(name: str) -> Factory:
+    def make(model: nn.Module, cfg: BenchConfig) -> torch.optim.Optimizer:
+        return build_optimizer(model, OptimConfig(name=name, lr=cfg.lr, rank=cfg.rank, update_proj_gap=cfg.gap,
+                                                  target_modules=cfg.target_modules, grad_clip=0.0))
+
+    return make
+
+
 def method_table() -> dict[str, Factory]:
-    """name -> factory(model, cfg) -> optimizer. Every gradlore preset is included."""
-
-    def adamw_loop(model: nn.Module, cfg: BenchConfig) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, foreach=False)
-
-    def adamw_fused(model: nn.Module, cfg: BenchConfig) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0, fused=True)
-
-    def galore_torch(model: nn.Module, cfg: BenchConfig) -> torch.optim.Optimizer:
-        from galore_torch import GaLoreAdamW
-
-        return GaLoreAdamW(_peer_groups(model, cfg, "scale"), lr=cfg.lr, no_deprecation_warning=True)
-
-    def fira(model: nn.Module, cfg: BenchConfig) -> torch.optim.Optimizer:
-        from fira import FiraAdamW
-
-        return FiraAdamW(_peer_groups(model, cfg, "alpha"), lr=cfg.lr, no_deprecation_warning=True)
-
+    """name -> factory(model, cfg) -> optimizer: torch's AdamW two ways, the peers, every gradlore preset."""
     table: dict[str, Factory] = {
-        "adamw-forloop": adamw_loop,
-        "adamw-fused": adamw_fused,
-        "galore-torch": galore_torch,
-        "fira": fira,
+        "adamw-forloop": lambda m, c: torch.optim.AdamW(m.parameters(), lr=c.lr, foreach=False),
+        "adamw-fused": lambda m, c: torch.optim.AdamW(m.parameters(), lr=c.lr, fused=True),
     }
-    try:
-        from gradlore.presets import PRESETS
-    except ImportError:  # the optimizer is not importable: the peers still run
-        PRESETS = {}
-
-    def preset_factory(name: str) -> Factory:
-        def make(model: nn.Module, cfg: BenchConfig) -> torch.optim.Optimizer:
-            import gradlore
-
-            groups = gradlore.param_groups(
-                model, method=name, rank=cfg.rank, target_modules=cfg.target_modules, update_proj_gap=cfg.gap
-            )
-            return gradlore.LowRankAdamW(groups, lr=cfg.lr)
-
-        return make
-
-    for name in PRESETS:
-        table[f"gradlore-{name}"] = preset_factory(name)
+    table.update({name: _built(name) for name in PEERS})
+    table.update({f"gradlore-{name}": _built(name) for name in PRESETS})
     return table
 
 
@@ -249,42 +121,20 @@ def _state_kinds(optimizer: torch.optim.Optimizer) -> str:
     by_dtype: dict[str, int] = {}
     projected = {id(p) for g in optimizer.param_groups if g.get("rank") for p in g["params"]}
     for p, st in optimizer.state.items():
-        if id(p) not in projected:
-            continue
-        tensors: list[torch.Tensor] = []
-        _walk_tensors(st, set(), tensors)
-        for t in tensors:
-            if t.dim() == 0:
-                continue
-            kind = str(t.dtype).replace("torch.", "")
-            by_dtype[kind] = by_dtype.get(kind, 0) + t.untyped_storage().nbytes()
+        if id(p) in projected:
+            for t in walk_tensors(st):
+                if t.dim():
+                    kind = str(t.dtype).replace("torch.", "")
+                    by_dtype[kind] = by_dtype.get(kind, 0) + t.untyped_storage().nbytes()
     return ", ".join(f"{k} {v / MiB:.1f}" for k, v in sorted(by_dtype.items()))
 
 
-def _dct_cache() -> dict | None:
-    """gradlore's module-level cache of shared DCT bases (derived data kept outside `optimizer.state`)."""
-    try:
-        from gradlore.projectors import dct
-    except ImportError:
-        return None
-    cache = getattr(dct, "_BASES", None)
-    return cache if isinstance(cache, dict) else None
-
-
 def _index_bytes(optimizer: torch.optim.Optimizer) -> int:
-    tensors: list[torch.Tensor] = []
-    _walk_tensors(dict(optimizer.state), set(), tensors)
-    storages = {
-        _storage_key(t): t.untyped_storage().nbytes()
-        for t in tensors
-        if t.dim() >= 1 and not t.is_floating_point() and not t.is_complex()
-    }
-    return sum(storages.values())
+    ints = [t for t in walk_tensors(dict(optimizer.state)) if t.dim() >= 1 and not t.is_floating_point()]
+    return retained_bytes(ints)
 
 
-def run_method(
-    name: str, factory: Factory, model: nn.Module, init: list[torch.Tensor], cfg: BenchConfig
-) -> Row:
+def run_method(name: str, factory: Factory, model: nn.Module, init: list[torch.Tensor], cfg: BenchConfig) -> Row:
     """Fresh weights, fixed seeded gradients, `gap + 1 + tail` timed steps of one optimizer."""
     row = Row(method=name)
     params = list(model.parameters())
@@ -293,9 +143,7 @@ def run_method(
             p.copy_(p0)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) * 1e-3 for p in params]
-    dct_cache = _dct_cache()
-    if dct_cache is not None:
-        dct_cache.clear()  # so the shared bases counted below are the ones this optimizer built
+    DCT_BASES.clear()  # so the shared bases counted below are the ones this optimizer built
     try:
         opt = factory(model, cfg)
     except ImportError as exc:
@@ -319,24 +167,16 @@ def run_method(
         return row
     finally:
         gc.enable()
-    if dct_cache is not None and name.startswith("gradlore-"):
-        row.shared_bytes = sum(t.untyped_storage().nbytes() for t in dct_cache.values())
-    row.state_bytes = optimizer_state_bytes(opt) + row.shared_bytes
+    row.shared_bytes = DCT_BASES.nbytes() if name.startswith("gradlore-") else 0
+    row.state_bytes = state_bytes(opt, include_shared=False) + row.shared_bytes
     row.index_bytes = _index_bytes(opt)
     row.nominal_bytes = nominal_moment_bytes(opt)
-    if name.startswith("gradlore-"):
-        try:
-            from gradlore.optim import state_bytes as reported
-        except ImportError:
-            reported = None
-        if reported is not None:
-            row.reported_bytes = int(reported(opt))
+    row.reported_bytes = state_bytes(opt) if name.startswith("gradlore-") else None
     row.state_kinds = _state_kinds(opt)
     row.first_s = times[0]
     steady = times[cfg.warmup : cfg.gap] + times[cfg.gap + 1 :]
     row.steady_s = statistics.median(steady) if steady else None
-    is_projected = any(g.get("rank") for g in opt.param_groups)
-    row.refresh_s = times[cfg.gap] if is_projected else None
+    row.refresh_s = times[cfg.gap] if any(g.get("rank") for g in opt.param_groups) else None
     for p in params:
         p.grad = None
     del opt
@@ -350,10 +190,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[Row]
         raise UserError(f"--gap {cfg.gap} must exceed --warmup {cfg.warmup}: pass a larger --gap (e.g. 50)")
     table = method_table()
     names = list(table) if cfg.methods is None else cfg.methods
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        raise UserError(f"unknown method(s) {unknown}; choose from {sorted(table)}")
-    model = build_model(cfg)
+    for n in names:
+        if n not in table:
+            raise UserError(f"unknown method {n!r}.{did_you_mean(n, table)} Choose from {', '.join(table)}.")
+    torch.manual_seed(cfg.seed)
+    model = build_llama(cfg.model, cfg.vocab, 256)
     init = [p.detach().clone() for p in model.parameters()]
     rows = []
     for name in names:
@@ -439,13 +280,10 @@ def check_targets(rows: list[Row]) -> list[str]:
     return out
 
 
-def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="gradlore bench optim", description=__doc__.splitlines()[0])
     d = BenchConfig()
-    p.add_argument("--hidden", type=int, default=d.hidden)
-    p.add_argument("--intermediate", type=int, default=d.intermediate)
-    p.add_argument("--heads", type=int, default=d.heads)
-    p.add_argument("--layers", type=int, default=d.layers)
+    p.add_argument("--model", default=d.model, help="model size (gradlore.models.SIZES), default llama_60m")
     p.add_argument("--vocab", type=int, default=d.vocab)
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument(
@@ -466,10 +304,7 @@ def build_arg_parser(parser: argparse.ArgumentParser | None = None) -> argparse.
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
-        hidden=args.hidden,
-        intermediate=args.intermediate,
-        heads=args.heads,
-        layers=args.layers,
+        model=args.model,
         vocab=args.vocab,
         rank=args.rank,
         gap=args.gap,
@@ -483,7 +318,10 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """`gradlore bench optim [flags]`: run every method, print the table and the target checks."""
-    args = build_arg_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
         t0 = time.perf_counter()
@@ -494,8 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradlore bench optim: error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"llama shapes hidden={cfg.hidden} intermediate={cfg.intermediate} heads={cfg.heads} layers={cfg.layers} "
-        f"vocab={cfg.vocab}; rank {cfg.rank} on attn+mlp; update_proj_gap={cfg.gap}; torch {torch.__version__}, "
+        f"{cfg.model} shapes, vocab={cfg.vocab}; rank {cfg.rank} on attn+mlp; update_proj_gap={cfg.gap}; torch {torch.__version__}, "
         f"{cfg.threads} threads; steady = median of steps {cfg.warmup}..{cfg.gap - 1} and "
         f"{cfg.gap + 1}..{cfg.gap + cfg.tail}; refresh = step {cfg.gap}; wall {time.perf_counter() - t0:.0f}s; "
         f"1-min load average {load0:.2f} before, {load1:.2f} after ({os.cpu_count()} CPUs)"

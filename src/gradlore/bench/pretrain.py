@@ -22,6 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradlore.errors import UserError
+from gradlore.optim.build import check_optimizer
+from gradlore.train.rundir import ema, read_losses
+
 METHODS = ["adamw", "galore", "dct", "fira", "frugal", "galore-torch"]
 DEFAULT_LRS = {
     "adamw": [1e-3, 3e-3],
@@ -35,8 +39,6 @@ DEFAULT_LRS = {
 
 def parse_lrs(text: str | None, methods: list[str]) -> dict[str, list[float]]:
     """``"adamw=1e-3,3e-3;dct=1e-2"`` or ``"1e-3,1e-2"`` (for every method) -> {method: [lr, ...]}."""
-    from gradlore.errors import UserError
-
     lrs = {m: list(DEFAULT_LRS.get(m, [1e-3, 3e-3])) for m in methods}
     if not text:
         return lrs
@@ -132,8 +134,6 @@ def plot(best: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from gradlore.train.loop import ema, read_losses
-
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (m, r) in enumerate(best.items()):
         train, val = read_losses(Path(r["run_dir"]) / "metrics.jsonl")
@@ -176,9 +176,6 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gradlore.errors import UserError
-    from gradlore.train.optimizers import check_optimizer
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         check_optimizer(m)

@@ -1,14 +1,15 @@
 """WeLore benchmark on a real model (arXiv 2407.11239): SmolLM2-135M-Instruct, perplexity on WikiText-2.
 
-    python -m gradlore.bench.welore --phase ppl        # dense + {welore, uniform} × {data-free, data-aware} × budgets
-    python -m gradlore.bench.welore --phase finetune   # LRC-only fine-tune vs full fine-tune (timed)
-    python -m gradlore.bench.welore --phase speed      # CPU inference tokens/s, compressed vs dense (timed)
-    python -m gradlore.bench.welore --phase report     # markdown tables + perplexity-vs-budget plot
+    gradlore bench welore --phase ppl        # dense + {welore, uniform} × {data-free, data-aware} × budgets
+    gradlore bench welore --phase finetune   # LRC-only vs full fine-tuning (`gradlore finetune` runs)
+    gradlore bench welore --phase speed      # training and CPU inference tokens/s, compressed vs dense
+    gradlore bench welore --phase report     # markdown tables + perplexity-vs-budget plot
 
 Corpora: evaluation = ../shared/data/wikitext2-raw-test.txt (first ``--eval-tokens`` tokens, windows of
 ``--context`` with ``--stride``); calibration for the data-aware variant and fine-tuning = CPython's
-``pydoc_data.topics`` (the language reference prose shipped with every Python), calibration from its first
-``--calib-tokens`` tokens and fine-tuning from the tokens after them, so neither overlaps WikiText.
+``pydoc_data.topics`` (the language reference prose shipped with every Python), calibration from the first
+``--calib-tokens`` tokens of its first ``CALIB_CHARS`` characters and fine-tuning on the characters after
+them, so the two never overlap and neither overlaps WikiText.
 Results accumulate in ``--out``/results.json; every phase can be rerun alone.
 """
 
@@ -26,16 +27,24 @@ from typing import Any
 
 import torch
 
+from gradlore.cache import cache_dir
+from gradlore.compress.eval import perplexity, read_text, tokenize
+from gradlore.compress.spectrum import collect_activation_stats, find_targets
+from gradlore.compress.welore import compress, save_compressed, text_blocks
+from gradlore.data.tokenizer import load_tokenizer
+from gradlore.errors import UserError
+from gradlore.models import load_model, smollm2
+from gradlore.train.rundir import read_losses
+
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 METHODS = ("welore", "uniform")
+CALIB_CHARS = 160_000  # calibration reads the first --calib-tokens tokens of this head; fine-tuning the rest
 MODES = (None, "whiten")
 
 
 def _wiki(args: argparse.Namespace) -> Path:
     path = Path(args.eval_data) if args.eval_data else DEFAULT_DATA / "wikitext2-raw-test.txt"
     if not path.exists():
-        from gradlore.errors import UserError
-
         raise UserError(f"evaluation text {path} not found; pass --eval-data FILE (WikiText-2 raw test).")
     return path
 
@@ -61,19 +70,13 @@ def _save(results_path: Path, results: dict[str, Any], *keys: str) -> None:
 
 
 def _ckpt_dir(args: argparse.Namespace, method: str, mode: str | None, budget: float) -> Path:
-    from gradlore.compress.models import cache_dir
-
     return cache_dir() / "bench" / f"smollm2-{method}-{mode or 'free'}-{int(round(budget * 100))}"
 
 
 # ------------------------------------------------------------------------------------------ perplexities
 def phase_ppl(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    from gradlore.compress.eval import perplexity, read_text, tokenize
-    from gradlore.compress.spectrum import collect_activation_stats, find_targets
-    from gradlore.compress.welore import compress, load_model, load_tokenizer, save_compressed, text_blocks
-
     dense = load_model("smollm2")
-    tok = load_tokenizer("smollm2")
+    tok = load_tokenizer(str(smollm2()))
     ids = tokenize(tok, read_text(_wiki(args), max_chars=args.eval_tokens * 16), args.eval_tokens)
     t0 = time.perf_counter()
     res = perplexity(dense, ids, args.context, args.stride, batch_size=args.batch_size)
@@ -82,7 +85,7 @@ def phase_ppl(args: argparse.Namespace, results: dict[str, Any]) -> None:
                         "eval_data": _wiki(args).name, "calib_data": "pydoc_data.topics"}
     results["dense"] = {"perplexity": res.perplexity, "params": sum(p.numel() for p in dense.parameters())}
     print(f"dense: ppl {res.perplexity:.2f} on {res.tokens_scored} tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
-    calib = text_blocks(tok, pydoc_text(), args.calib_tokens, 512)
+    calib = text_blocks(tok, pydoc_text()[:CALIB_CHARS], args.calib_tokens, 512)
     runs = results.setdefault("runs", {})
     for mode in args.modes:
         stats = None
@@ -120,74 +123,60 @@ def phase_ppl(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning
-def _worker(argv: list[str]) -> None:
-    """Child process: one fine-tune run, so that peak memory is measured on a clean process."""
-    p = argparse.ArgumentParser()
-    p.add_argument("--model")
-    p.add_argument("--full", action="store_true")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--optimizer", default="adamw")
-    p.add_argument("--skip-tokens", type=int)
-    p.add_argument("--eval-data")
-    p.add_argument("--eval-tokens", type=int)
-    p.add_argument("--context", type=int)
-    p.add_argument("--threads", type=int)
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    from gradlore.compress.eval import perplexity, read_text, tokenize
-    from gradlore.compress.finetune import finetune
-    from gradlore.compress.welore import load_model, load_tokenizer
-
-    model = load_model(a.model)
-    tok = load_tokenizer(a.model)
-    ids = tokenize(tok, pydoc_text())[a.skip_tokens:]
-    res = finetune(model, ids, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr,
-                   method=a.optimizer, full=a.full, warmup=5, log_every=10)
-    out = {k: v for k, v in res.to_dict().items()}
-    if a.eval_tokens:
-        eval_ids = tokenize(tok, read_text(a.eval_data, max_chars=a.eval_tokens * 16), a.eval_tokens)
-        out["perplexity_after"] = perplexity(model, eval_ids, a.context, a.context).perplexity
-    print("RESULT " + json.dumps(out), flush=True)
+def _ft_text(args: argparse.Namespace) -> Path:
+    """The fine-tuning text: pydoc prose after the part that calibration may use, as a file for `finetune`."""
+    path = args.out / "finetune_text.txt"
+    text = pydoc_text()[CALIB_CHARS:]
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    return path
 
 
-def _run_worker(name: str, extra: list[str]) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "gradlore.bench.welore", "--phase", "_worker", "--", *extra]
+def _finetune(name: str, args: argparse.Namespace, model: str, steps: int, lr: float, full: bool,
+              evaluate: bool) -> dict[str, Any]:
+    """One `gradlore finetune` process (so that its peak memory is its own); perplexity of its final model."""
+    out = args.out / "runs" / name
+    cmd = [sys.executable, "-m", "gradlore.cli", "finetune", "--model", model, "--data", str(_ft_text(args)),
+           "--steps", str(steps), "--batch-size", str(args.ft_batch), "--block-size", str(args.ft_seq),
+           "--lr", str(lr), "--optimizer", "adamw" if full else args.ft_optimizer, "--out", str(out), "--overwrite",
+           "--set", "schedule.warmup_steps=5", "--set", f"train.threads={args.threads}", "--set", "train.progress=false",
+           "--set", f"train.eval_every={steps}", "--set", f"train.save_final_model={str(evaluate).lower()}"]
+    cmd += ["--full"] if full else []
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     sys.stdout.write(proc.stdout[-1500:])
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"fine-tune worker {name} failed")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+        raise SystemExit(f"fine-tune run {name} failed")
+    s = json.loads((out / "summary.json").read_text())
+    r = {"tokens": s["tokens"], "trainable_params": s["trainable_params"], "total_params": s["params"],
+         "optimizer_state_bytes": s["opt_state_bytes"], "grad_bytes": 4 * s["trainable_params"],
+         "peak_memory_bytes": s["peak_rss_bytes"], "tokens_per_s": s["tokens_per_s_median"], "steps": s["steps"]}
+    losses = [v for _, v in read_losses(out / "metrics.jsonl")[0]]
+    r["first_loss"], r["last_loss"] = losses[0], losses[-1]
+    if evaluate:
+        tok = load_tokenizer(str(out / "final"))
+        ids = tokenize(tok, read_text(_wiki(args), max_chars=args.eval_tokens * 16), args.eval_tokens)
+        r["perplexity_after"] = perplexity(load_model(out / "final"), ids, args.context, args.context).perplexity
+    return r
 
 
-def _ft_jobs(args: argparse.Namespace, steps: int, eval_tokens: int) -> dict[str, list[str]]:
+def _ft_jobs(args: argparse.Namespace) -> dict[str, tuple[str, float, bool]]:
     ckpt = _ckpt_dir(args, "welore", args.ft_mode, args.ft_budget)
     if not ckpt.exists():
         raise SystemExit(f"{ckpt} missing: run --phase ppl first (it saves the {args.ft_budget:.0%} WeLore model).")
-    common = ["--steps", str(steps), "--batch-size", str(args.ft_batch), "--seq-len", str(args.ft_seq),
-              "--skip-tokens", str(args.calib_tokens), "--eval-data", str(_wiki(args)),
-              "--eval-tokens", str(eval_tokens), "--context", str(args.context), "--threads", str(args.threads)]
-    return {
-        f"lrc-{args.ft_optimizer}{args.ft_tag}": ["--model", str(ckpt), "--lr", str(args.ft_lr), "--optimizer", args.ft_optimizer, *common],
-        "full-adamw": ["--model", "smollm2", "--full", "--lr", str(args.ft_lr_full), *common],
-    }
+    return {f"lrc-{args.ft_optimizer}{args.ft_tag}": (str(ckpt), args.ft_lr, False),
+            "full-adamw": ("smollm2", args.ft_lr_full, True)}
 
 
 def phase_finetune(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """Perplexity after fine-tuning on the same tokens (untimed; run under a shared lock)."""
-    for name, extra in _ft_jobs(args, args.ft_steps, args.eval_tokens).items():
+    """Perplexity after fine-tuning on the same tokens."""
+    for name, (model, lr, full) in _ft_jobs(args).items():
         if name.split("-")[0] not in args.ft_jobs:
             continue
-        r = _run_worker(name, extra)
+        r = _finetune(name, args, model, args.ft_steps, lr, full, evaluate=True)
         ft = results.setdefault("finetune", {})
-        ft[name] = {k: v for k, v in r.items() if k != "losses"} | {
-            "budget": args.ft_budget, "mode": args.ft_mode or "free", "lr": args.ft_lr if name.startswith("lrc") else args.ft_lr_full}
+        ft[name] = r | {"budget": args.ft_budget, "mode": args.ft_mode or "free", "lr": lr}
         _save(args.results, results, "finetune")
 
 
@@ -212,14 +201,10 @@ def _speed(model: torch.nn.Module, ids: torch.Tensor, repeats: int, new_tokens: 
 def phase_speed(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Timed: fine-tuning tokens/s and peak memory (fresh processes), then inference tokens/s (exclusive lock)."""
     ts = results.setdefault("train_speed", {})
-    for name, extra in _ft_jobs(args, args.speed_steps, 0).items():
-        r = _run_worker(name, extra)
-        ts[name] = {k: v for k, v in r.items() if k != "losses"}
+    for name, (model, lr, full) in _ft_jobs(args).items():
+        ts[name] = _finetune(f"speed-{name}", args, model, args.speed_steps, lr, full, evaluate=False)
         _save(args.results, results, "train_speed")
-    from gradlore.compress.eval import read_text, tokenize
-    from gradlore.compress.welore import load_model, load_tokenizer
-
-    tok = load_tokenizer("smollm2")
+    tok = load_tokenizer(str(smollm2()))
     ids = tokenize(tok, read_text(_wiki(args), max_chars=args.context * 16), args.context)
     sp = results.setdefault("speed", {})
     models = {"dense": "smollm2"}
@@ -325,12 +310,7 @@ def _plot(args: argparse.Namespace, results: dict[str, Any]) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:2] == ["--phase", "_worker"]:
-        _worker(argv[3:] if argv[2:3] == ["--"] else argv[2:])
-        return 0
-    p = argparse.ArgumentParser(prog="python -m gradlore.bench.welore", description=__doc__.splitlines()[0])
+def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--phase", choices=("all", "ppl", "finetune", "speed", "report"), default="all")
     p.add_argument("--out", type=Path, default=Path("bench_results/welore"))
     p.add_argument("--eval-data", help="default ../shared/data/wikitext2-raw-test.txt")
@@ -358,7 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--redo", action="store_true", help="recompute runs already in results.json")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
     args.ft_mode = None if args.ft_mode == "free" else args.ft_mode
     args.results = args.out / "results.json"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -372,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         phase_speed(args, results)
     phase_report(args, _load(args.results))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(argparse.ArgumentParser(prog="python -m gradlore.bench.welore",
+                                                    description=__doc__.splitlines()[0])).parse_args(argv))
 
 
 if __name__ == "__main__":

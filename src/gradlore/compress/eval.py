@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradlore.data.text import hf_dataset, hf_documents, is_hf_spec, local_documents, local_path
+from gradlore.data.tokenizer import TextTokenizer
 from gradlore.errors import UserError
 
 
@@ -41,8 +43,6 @@ class PerplexityResult:
 
 def read_text(spec: str | Path, max_chars: int | None = None) -> str:
     """Documents of a text file / folder / JSONL / ``hf:NAME[:CONFIG]`` joined by blank lines (first ``max_chars``)."""
-    from gradlore.data.text import hf_dataset, hf_documents, is_hf_spec, local_documents, local_path
-
     spec = str(spec)
     docs = hf_documents(hf_dataset(spec, "test", streaming=False), "text") if is_hf_spec(spec) else local_documents(local_path(spec))
     parts, size = [], 0
@@ -57,9 +57,9 @@ def read_text(spec: str | Path, max_chars: int | None = None) -> str:
     return text
 
 
-def tokenize(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
-    """1-D token ids (no special tokens added), truncated to ``max_tokens``."""
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+def tokenize(tokenizer: TextTokenizer, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """1-D int64 token ids (no special tokens added), truncated to ``max_tokens``."""
+    ids = torch.tensor(tokenizer.encode_batch([text])[0], dtype=torch.int64)
     return ids[:max_tokens] if max_tokens else ids
 
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradlore.errors import UserError
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """True for transformers' GPT-2 style ``Conv1D`` (weight stored as (in, out))."""
@@ -48,6 +50,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
 
 class LowRankLinear(nn.Module):
     """y = x Aᵀ Bᵀ + bias, with A = weight_a (rank, in) and B = weight_b (out, rank)."""
+
+    factor_names = ("weight_a", "weight_b")  # its 2-D weights, for optimizers that target linear layers
 
     def __init__(
         self,
@@ -157,3 +161,38 @@ def svd_factors(
     a = root[:, None] * vh[:rank]  # (r, in)
     b = u[:, :rank] * root[None, :]  # (out, r)
     return a.contiguous(), b.contiguous()
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm / RMSNorm of any model family (transformers names them *Norm)."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("Norm")
+
+
+def is_factored(model: nn.Module) -> bool:
+    return any(isinstance(m, (LowRankLinear, LowRankEmbedding)) for m in model.modules())
+
+
+def mark_trainable(model: nn.Module, trainable: str = "all") -> list[str]:
+    """Set requires_grad and return the trainable parameters' names.
+
+    "all": every parameter; "lrc": only the factors of the low-rank components (WeLore's LRC-only
+    fine-tuning, arXiv 2407.11239: the dense N-LRC weights, embeddings and head stay frozen);
+    "lrc+norms": the factors and the normalisation layers.
+    """
+    if trainable == "all":
+        model.requires_grad_(True)
+    else:
+        lrcs = [m for m in model.modules() if isinstance(m, (LowRankLinear, LowRankEmbedding))]
+        if not lrcs:
+            raise UserError("the model has no low-rank components to train (model.trainable="
+                            f"{trainable!r}). Fix: compress it first (`gradlore compress ... --out DIR`) and fine-tune "
+                            "that folder, or train every weight (`gradlore finetune --full`, model.trainable=all).")
+        model.requires_grad_(False)
+        for m in lrcs:
+            m.weight_a.requires_grad_(True)  # (r, in)
+            m.weight_b.requires_grad_(True)  # (out, r); a tied head shares its embedding's factors
+        if trainable == "lrc+norms":
+            for m in model.modules():
+                if is_norm(m):
+                    m.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradlore.cache import cache_dir as default_cache_dir
 from gradlore.compress.allocate import METHODS, Allocation, allocate
+from gradlore.compress.eval import read_text, tokenize
 from gradlore.compress.lowrank_linear import LowRankEmbedding, LowRankLinear, dense_weight, svd_factors
-from gradlore.compress.models import cache_dir as default_cache_dir
 from gradlore.compress.spectrum import (
     DATA_AWARE_MODES,
     ActivationStats,
@@ -38,6 +39,7 @@ from gradlore.compress.spectrum import (
     spectra_cached,
     weighted_matrix,
 )
+from gradlore.data.tokenizer import TextTokenizer
 from gradlore.errors import UserError
 
 FORMAT = "gradlore-welore-1"
@@ -89,9 +91,9 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def text_blocks(tokenizer: Any, text: str, n_tokens: int, context: int) -> torch.Tensor:
+def text_blocks(tokenizer: TextTokenizer, text: str, n_tokens: int, context: int) -> torch.Tensor:
     """The first ``n_tokens`` tokens of ``text`` as (n_tokens // context, context) blocks of ids."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:n_tokens]
+    ids = tokenize(tokenizer, text, n_tokens)
     n = len(ids) // context
     if n == 0:
         raise UserError(f"calibration text has {len(ids)} tokens, fewer than one block of {context}; give more text.")
@@ -99,14 +101,14 @@ def text_blocks(tokenizer: Any, text: str, n_tokens: int, context: int) -> torch
 
 
 def _calibration_blocks(
-    calibration: str | Path | torch.Tensor, tokenizer: Any, n_tokens: int, context: int
+    calibration: str | Path | torch.Tensor, tokenizer: TextTokenizer | None, n_tokens: int, context: int
 ) -> torch.Tensor:
     if isinstance(calibration, torch.Tensor):
         return calibration.long().reshape(-1, calibration.shape[-1])
     if tokenizer is None:
         raise UserError("calibration text needs a tokenizer: pass tokenizer=..., or token ids (n, L).")
     if isinstance(calibration, Path) or (isinstance(calibration, str) and len(calibration) < 4096 and Path(calibration).is_file()):
-        calibration = Path(calibration).read_text(encoding="utf-8", errors="replace")
+        calibration = read_text(calibration)
     return text_blocks(tokenizer, str(calibration), n_tokens, context)
 
 
@@ -146,7 +148,7 @@ def compress(
     min_ratio: float = 0.0,
     data_aware: str | None = None,
     calibration: str | Path | torch.Tensor | None = None,
-    tokenizer: Any = None,
+    tokenizer: TextTokenizer | None = None,
     calibration_tokens: int = 16384,
     calibration_context: int = 512,
     damping: float | None = None,
@@ -260,7 +262,8 @@ def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def save_compressed(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrite: bool = False) -> Path:
+def save_compressed(model: nn.Module, out: str | Path, tokenizer: TextTokenizer | None = None,
+                    overwrite: bool = False) -> Path:
     """Write safetensors weights + welore.json (ranks) + HF config (+ tokenizer). Atomic: a temp dir is renamed."""
     from safetensors.torch import save_model
 
@@ -282,7 +285,7 @@ def save_compressed(model: nn.Module, out: str | Path, tokenizer: Any = None, ov
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "gradlore": FORMAT})
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            tokenizer.save(tmp)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         tmp.rename(out)
@@ -350,35 +353,3 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> nn.
     model._gradlore_welore = meta.get("report")
     model.eval()
     return model
-
-
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Dense Hugging Face folder, compressed folder, or alias (``smollm2``) -> model in eval mode."""
-    from gradlore.compress.models import resolve_model_path
-
-    path = resolve_model_path(str(path))
-    if is_compressed_dir(path):
-        return load_compressed(path, device=device)
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot load a causal LM from {path} ({str(exc)[:300]}); pass a save_pretrained folder.") from exc
-    model.eval()
-    return model
-
-
-def load_tokenizer(path: str | Path, required: bool = True) -> Any:
-    """The tokenizer saved next to a model (dense or compressed), or None when ``required`` is False."""
-    from transformers import AutoTokenizer
-
-    from gradlore.compress.models import resolve_model_path
-
-    path = resolve_model_path(str(path))
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:
-        if not required:
-            return None
-        raise UserError(f"no tokenizer found in {path} ({str(exc)[:200]}); pass --tokenizer DIR.") from exc

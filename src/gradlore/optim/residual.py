@@ -21,11 +21,12 @@ carries its term, so that a term which is low-rank or column-scaled costs no (s,
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from gradlore.projectors.base import Projector
 
 
 class Correction(NamedTuple):
@@ -41,36 +42,45 @@ def _col_sq(g: Tensor) -> Tensor:
     return g.square().sum(0)
 
 
-def discard(g: Tensor, r: Tensor, d: Tensor, state: dict, group: dict, projector: Any, step: int) -> None:
-    return None
+class Discard:
+    def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
+                 betas: tuple[float, float]) -> None:
+        return None
 
 
-def fira(g: Tensor, r: Tensor, d: Tensor, state: dict, group: dict, projector: Any, step: int) -> Correction:
-    beta1, beta2 = group["betas"]
-    c = (1.0 - beta2**step) ** 0.5 / (1.0 - beta1**step)
-    r_sq = r.square().sum(0)  # ‖R_j‖², (l,); a row-wise sum, fast on the (r, l) layout
-    phi = (d.square().sum(0).sqrt() / c) / (r_sq.sqrt() + 1e-8)  # (l,)
-    gram = projector.gram(state)  # PᵀP (r, r), or None where the basis is orthonormal by construction
-    r_m_r = r_sq if gram is None else (r * (gram @ r)).sum(0)
-    res_sq = _col_sq(g) - 2 * r_sq + r_m_r  # ‖S_j‖² = ‖G_j‖² - 2‖R_j‖² + R_jᵀPᵀPR_j, (l,)
-    wide = torch.promote_types(g.dtype, torch.float32)
-    norm = (phi.square() * res_sq.clamp_min(0)).sum().sqrt().to(wide)  # ‖S ⊙ φ‖
-    gamma = group.get("fira_gamma", 1.01)
-    prev = state.get("fira.prev_norm")
-    kappa = torch.tensor(c, dtype=wide, device=g.device)
-    if prev is not None:
-        limiter = torch.clamp(norm / (prev + 1e-8), min=gamma) / gamma  # 1 unless the norm grew > γ
-        norm = norm / limiter
-        kappa = kappa / limiter
-    state["fira.prev_norm"] = norm
-    col = phi * kappa.to(phi.dtype)
-    return Correction(low=-(r * col[None, :]), col=col)
+class FiraScale:
+    def __init__(self, fira_gamma: float) -> None:
+        self.gamma = fira_gamma
+
+    def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
+                 betas: tuple[float, float]) -> Correction:
+        beta1, beta2 = betas
+        wide = torch.promote_types(g.dtype, torch.float32)
+        step = state["step"].double()  # a device tensor: no host sync for the bias correction
+        c = ((1.0 - beta2**step).sqrt() / (1.0 - beta1**step)).to(wide)
+        r_sq = r.square().sum(0)  # ‖R_j‖², (l,); a row-wise sum, fast on the (r, l) layout
+        phi = (d.square().sum(0).sqrt() / c.to(d.dtype)) / (r_sq.sqrt() + 1e-8)  # (l,)
+        gram = projector.gram(state)  # PᵀP (r, r), or None where the basis is orthonormal by construction
+        r_m_r = r_sq if gram is None else (r * (gram @ r)).sum(0)
+        res_sq = _col_sq(g) - 2 * r_sq + r_m_r  # ‖S_j‖² = ‖G_j‖² - 2‖R_j‖² + R_jᵀPᵀPR_j, (l,)
+        norm = (phi.square() * res_sq.clamp_min(0)).sum().sqrt().to(wide)  # ‖S ⊙ φ‖
+        kappa = c
+        prev = state.get("fira.prev_norm")
+        if prev is not None:
+            limiter = torch.clamp(norm / (prev + 1e-8), min=self.gamma) / self.gamma  # 1 unless the norm grew > γ
+            norm = norm / limiter
+            kappa = kappa / limiter
+        state["fira.prev_norm"] = norm
+        col = phi * kappa.to(phi.dtype)
+        return Correction(low=-(r * col[None, :]), col=col)
 
 
-def sign(g: Tensor, r: Tensor, d: Tensor, state: dict, group: dict, projector: Any, step: int) -> Correction:
-    residual = g.clone()
-    projector.up_add_(residual, r, state, -1.0)  # G - P·R, one matmul into the copy
-    return Correction(dense=residual.sign_().mul_(group.get("residual_lr_ratio", 1.0)))
+class SignDescent:
+    def __init__(self, residual_lr_ratio: float) -> None:
+        self.ratio = residual_lr_ratio
 
-
-RESIDUALS: dict[str, Callable[..., Correction | None]] = {"discard": discard, "fira": fira, "sign": sign}
+    def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
+                 betas: tuple[float, float]) -> Correction:
+        residual = g.clone()
+        projector.up_add_(residual, r, state, -1.0)  # G - P·R, one matmul into the copy
+        return Correction(dense=residual.sign_().mul_(self.ratio))

@@ -1,4 +1,4 @@
-"""The projector protocol, orientation, and the identity projector.
+"""The projector protocol, orientation, the context a projector is given, and the identity projector.
 
 A projector maps an oriented gradient ``G`` of shape (s, l), s <= l, to a rank-r coordinate
 matrix ``R = down(G)`` of shape (r, l) and maps Adam's direction back with ``up``: (r, l) -> (s, l).
@@ -9,7 +9,7 @@ tensors under ``proj.*`` keys, so ``state_dict()`` holds no Python objects (DESI
 from __future__ import annotations
 
 import warnings
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -25,12 +25,20 @@ def orient(g: Tensor) -> Tensor:
     return g.mT if is_transposed(g.shape) else g
 
 
+class Context(NamedTuple):
+    """What a projector may need to know about the weight it refreshes, besides its gradient."""
+
+    name: str  # the parameter's name, for warnings
+    transposed: bool  # the oriented gradient (s, l) is the stored gradient's transpose
+    seed: int  # for seeded bases: a function of the group's seed, the parameter and the refresh step
+
+
 class Projector(Protocol):
     """Maps (s, l) gradients to (r, l) coordinates and back. State lives in ``state`` (tensors only)."""
 
-    def refresh(
-        self, g: Tensor, rank: int, state: dict, *, transposed: bool, name: str, seed: int
-    ) -> Tensor | None:
+    selects_indices: bool  # state is ``proj.indices`` into a fixed basis (moment rows can follow them)
+
+    def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> Tensor | None:
         """Choose a new subspace for ``g`` (s, l); may return ``down(g)`` if it was a by-product."""
         ...
 
@@ -46,9 +54,15 @@ class Projector(Protocol):
         """(r, l) -> (s, l)"""
         ...
 
+    def gram(self, state: dict) -> Tensor | None:
+        """PᵀP (r, r) where it is not exactly the identity, else None."""
+        ...
+
 
 class ProjectorBase:
-    """``up`` for every projector, from its ``up_add_``; ``gram`` = PᵀP where it is not exactly I."""
+    """``up`` and ``basis`` for every projector, from its ``up_add_``; ``gram`` = PᵀP where it is not exactly I."""
+
+    selects_indices = False
 
     def gram(self, state: dict) -> Tensor | None:
         return None  # a selection of orthonormal basis columns: PᵀP = I exactly
@@ -58,11 +72,29 @@ class ProjectorBase:
         self.up_add_(out, x, state, 1.0)
         return out
 
+    def basis(self, state: dict, s: int, rank: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The (s, r) basis P of the current subspace, whatever the projector stores."""
+        return self.up(torch.eye(rank, dtype=dtype, device=device), state, s)
+
+
+class StoredBasis(ProjectorBase):
+    """A projector that keeps its basis P (s, r) as the tensor ``proj.basis`` (SVD, random)."""
+
+    def down(self, g: Tensor, state: dict) -> Tensor:
+        return state["proj.basis"].mT @ g  # (r, s) @ (s, l) -> (r, l)
+
+    def gram(self, state: dict) -> Tensor:
+        basis = state["proj.basis"]
+        return basis.mT @ basis  # (r, r): I up to the basis' rounding
+
+    def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
+        out.addmm_(state["proj.basis"], x, alpha=alpha)  # (s, r) @ (r, l), added in place
+
 
 class Identity(ProjectorBase):
     """The whole space: down and up are the identity. With it the optimizer is exactly AdamW."""
 
-    def refresh(self, g, rank, state, *, transposed, name, seed):
+    def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> None:
         return None
 
     def down(self, g: Tensor, state: dict) -> Tensor:
@@ -70,6 +102,9 @@ class Identity(ProjectorBase):
 
     def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
         out.add_(x, alpha=alpha)
+
+    def basis(self, state: dict, s: int, rank: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.eye(s, dtype=dtype, device=device)
 
 
 _warned: set[tuple[str, str]] = set()

@@ -17,35 +17,55 @@ from __future__ import annotations
 
 import math
 
+import scipy.fft
 import torch
 from torch import Tensor
 
-from gradlore.projectors.base import ProjectorBase
-
-# One basis per (size, dtype, device), shared by all layers and optimizers: derived data, not state.
-_BASES: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+from gradlore.projectors.base import Context, ProjectorBase
 
 # From this many rows on, the FFT route beats one matmul with the (s, s) basis on a 2-core CPU
 # (measured: 1.6x faster at 2048x2048, a tie at 1024, 3x slower at 512x1376; BENCHMARKS.md).
 FFT_MIN_SIZE = 2048
 
 
+class BasisCache:
+    """The DCT bases, one per (size, dtype, device), shared by every layer and optimizer: derived data, not state.
+
+    Owned here; ``nbytes`` tells what it holds (``gradlore.optim.state_bytes`` charges it once) and ``clear``
+    frees it (a benchmark that measures one optimizer at a time clears it between them).
+    """
+
+    def __init__(self) -> None:
+        self._bases: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+    def get(self, s: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+        """Orthonormal DCT-II basis Q (s, s): column k is the k-th cosine, so Qᵀx = dct(x, norm='ortho')."""
+        key = (s, dtype, torch.device(device))
+        if key not in self._bases:
+            n = torch.arange(s, dtype=torch.float64)
+            k = n[:, None]
+            d = torch.cos(math.pi * (2 * n[None, :] + 1) * k / (2 * s)) * math.sqrt(2.0 / s)  # (k, n)
+            d[0] /= math.sqrt(2.0)
+            self._bases[key] = d.mT.contiguous().to(dtype=dtype, device=key[2])  # Q = Dᵀ: columns are cosines
+        return self._bases[key]
+
+    def nbytes(self, sizes: set[int] | None = None) -> int:
+        """Bytes held by the bases (of the given sizes only), each counted once."""
+        return sum(b.untyped_storage().nbytes() for (s, _, _), b in self._bases.items() if sizes is None or s in sizes)
+
+    def clear(self) -> None:
+        self._bases.clear()
+
+    def __len__(self) -> int:
+        return len(self._bases)
+
+
+DCT_BASES = BasisCache()
+
+
 def dct_basis(s: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
-    """Orthonormal DCT-II basis Q (s, s): column k is the k-th cosine, so Qᵀx = dct(x, norm='ortho')."""
-    device = torch.device(device)
-    key = (s, dtype, device)
-    if key not in _BASES:
-        n = torch.arange(s, dtype=torch.float64)
-        k = n[:, None]
-        d = torch.cos(math.pi * (2 * n[None, :] + 1) * k / (2 * s)) * math.sqrt(2.0 / s)  # (k, n)
-        d[0] /= math.sqrt(2.0)
-        _BASES[key] = d.mT.contiguous().to(dtype=dtype, device=device)  # Q = Dᵀ: columns are basis vectors
-    return _BASES[key]
-
-
-def shared_bytes(sizes: set[int] | None = None) -> int:
-    """Bytes held by the shared DCT bases (of the given sizes), counted once whatever the number of layers."""
-    return sum(b.untyped_storage().nbytes() for (s, _, _), b in _BASES.items() if sizes is None or s in sizes)
+    """Orthonormal DCT-II basis Q (s, s) from the shared cache."""
+    return DCT_BASES.get(s, dtype, device)
 
 
 def dct_fft(x: Tensor) -> Tensor:
@@ -62,8 +82,6 @@ def dct_fft(x: Tensor) -> Tensor:
 
 def dct_scipy(x: Tensor) -> Tensor:
     """Orthonormal DCT-II along dim 0 of a CPU tensor by scipy (pocketfft), threaded like torch."""
-    import scipy.fft
-
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     out = scipy.fft.dct(work.numpy(), type=2, norm="ortho", axis=0, workers=torch.get_num_threads())
     return torch.from_numpy(out).to(x.dtype)
@@ -72,13 +90,46 @@ def dct_scipy(x: Tensor) -> Tensor:
 class SelectProjector(ProjectorBase):
     """Keep the r basis directions best aligned with the gradient; store only their indices."""
 
-    def __init__(self, basis: str = "dct", norm: str = "l1", method: str = "auto") -> None:
-        self.basis, self.norm, self.method = basis, norm, method
+    selects_indices = True
 
-    def _coefficients(self, g: Tensor) -> Tensor:
+    def __init__(self, dct_norm: str = "l1") -> None:
+        self.norm = dct_norm
+
+    def coefficients(self, g: Tensor) -> Tensor:
         """Qᵀ G for every basis direction: (s, l)."""
-        if self.basis == "identity":
-            return g
+        raise NotImplementedError
+
+    def columns(self, idx: Tensor, s: int, dtype: torch.dtype, device: torch.device) -> Tensor | None:
+        """Q[:, idx] (s, r), or None for the identity basis (rows are selected directly)."""
+        raise NotImplementedError
+
+    def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> Tensor:
+        coeffs = self.coefficients(g)  # (s, l)
+        scores = coeffs.abs().sum(1) if self.norm == "l1" else coeffs.square().sum(1)  # (s,)
+        idx = torch.topk(scores.float(), rank, sorted=False).indices.sort().values  # (r,) ascending
+        state["proj.indices"] = idx
+        return coeffs.index_select(0, idx)  # (r, l): reuse the product for this step's projection
+
+    def down(self, g: Tensor, state: dict) -> Tensor:
+        q = self.columns(state["proj.indices"], g.shape[0], g.dtype, g.device)
+        return g.index_select(0, state["proj.indices"]) if q is None else q.mT @ g
+
+    def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
+        q = self.columns(state["proj.indices"], out.shape[0], x.dtype, x.device)
+        if q is None:
+            out.index_add_(0, state["proj.indices"], x, alpha=alpha)
+        else:
+            out.addmm_(q, x, alpha=alpha)  # (s, r) @ (r, l), added in place
+
+
+class DCTProjector(SelectProjector):
+    """The SVD-free projector: top-r columns of the orthonormal DCT-II basis."""
+
+    def __init__(self, dct_norm: str = "l1", dct_method: str = "auto") -> None:
+        super().__init__(dct_norm)
+        self.method = dct_method
+
+    def coefficients(self, g: Tensor) -> Tensor:
         method = self.method
         if method == "auto":
             method = "scipy" if g.device.type == "cpu" else "fft" if g.shape[0] >= FFT_MIN_SIZE else "matmul"
@@ -88,24 +139,15 @@ class SelectProjector(ProjectorBase):
             return dct_fft(g)
         return dct_basis(g.shape[0], g.dtype, g.device).mT @ g
 
-    def refresh(self, g, rank, state, *, transposed, name, seed):
-        coeffs = self._coefficients(g)  # (s, l)
-        scores = coeffs.abs().sum(1) if self.norm == "l1" else coeffs.square().sum(1)
-        idx = torch.topk(scores.float(), rank, sorted=False).indices.sort().values
-        state["proj.indices"] = idx
-        return coeffs.index_select(0, idx)  # (r, l): reuse the product for this step's projection
+    def columns(self, idx: Tensor, s: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return dct_basis(s, dtype, device).index_select(1, idx)  # (s, r)
 
-    def down(self, g: Tensor, state: dict) -> Tensor:
-        idx = state["proj.indices"]
-        if self.basis == "identity":
-            return g.index_select(0, idx)
-        q = dct_basis(g.shape[0], g.dtype, g.device).index_select(1, idx)  # (s, r)
-        return q.mT @ g
 
-    def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
-        idx = state["proj.indices"]
-        if self.basis == "identity":
-            out.index_add_(0, idx, x, alpha=alpha)
-        else:
-            q = dct_basis(out.shape[0], x.dtype, x.device).index_select(1, idx)  # (s, r)
-            out.addmm_(q, x, alpha=alpha)
+class ColumnsProjector(SelectProjector):
+    """The identity basis: keep the r rows of G with the largest norm (FRUGAL's column subspace)."""
+
+    def coefficients(self, g: Tensor) -> Tensor:
+        return g
+
+    def columns(self, idx: Tensor, s: int, dtype: torch.dtype, device: torch.device) -> None:
+        return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradlore.projectors.base import ProjectorBase
+from gradlore.projectors.base import Context, StoredBasis
 
 
 def random_basis(s: int, rank: int, seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -19,17 +19,7 @@ def random_basis(s: int, rank: int, seed: int, dtype: torch.dtype, device: torch
     return q.to(dtype=dtype, device=device).contiguous()
 
 
-class RandomProjector(ProjectorBase):
-    def refresh(self, g, rank, state, *, transposed, name, seed):
-        state["proj.basis"] = random_basis(g.shape[0], rank, seed, g.dtype, g.device)
+class RandomProjector(StoredBasis):
+    def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> None:
+        state["proj.basis"] = random_basis(g.shape[0], rank, ctx.seed, g.dtype, g.device)
         return None
-
-    def down(self, g: Tensor, state: dict) -> Tensor:
-        return state["proj.basis"].mT @ g
-
-    def gram(self, state: dict) -> Tensor:
-        basis = state["proj.basis"]
-        return basis.mT @ basis  # (r, r): I up to the basis' rounding (a float32 SVD)
-
-    def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
-        out.addmm_(state["proj.basis"], x, alpha=alpha)  # (s, r) @ (r, l), added in place

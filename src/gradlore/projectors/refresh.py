@@ -1,50 +1,72 @@
-"""When to recompute the subspace.
+"""Refresh rules: when to recompute a weight's subspace. Each rule is a part with its own options and state.
 
-- ``every``: every ``update_proj_gap`` steps, starting at step 0 (GaLore).
-- ``lazy`` (Q-GaLore, arXiv 2407.08296): at each scheduled refresh, measure how much the new
-  subspace overlaps the old one, overlap = ‖P_oldᵀ P_new‖²_F / r ∈ [0, 1] (1: same subspace;
+- ``every`` (GaLore, arXiv 2403.03507): at steps 0, N, 2N, … with N = ``update_proj_gap``.
+- ``lazy`` (Q-GaLore, arXiv 2407.08296): as ``every``, but at each refresh it measures how much the new
+  subspace overlaps the old one, overlap = ‖P_oldᵀ P_new‖²_F / r ∈ [0, 1] (1: the same subspace;
   Q-GaLore uses the cosine of the leading singular vector, a special case). When the mean overlap of
-  the last ``lazy_window`` refreshes reaches ``lazy_threshold``, the gap is multiplied by
+  the last ``lazy_window`` refreshes reaches ``lazy_threshold`` the gap is multiplied by
   ``lazy_growth``: stable layers are refreshed ever more rarely, saving SVDs.
-State (tensors): ``proj.next`` the step of the next refresh, ``proj.gap`` the current gap,
-``proj.overlaps`` the recent overlaps.
+
+State, as CPU tensors (reading them never waits for an accelerator): ``refresh.t`` the weight's projected
+step count, ``refresh.next`` the step of its next refresh; ``lazy`` adds ``refresh.gap`` (its current gap) and
+``refresh.overlaps`` (recent overlaps).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
-REFRESH = ("every", "lazy")
 
 
-def due(state: dict, t: int) -> bool:
-    return "proj.next" not in state or t >= int(state["proj.next"])
+def clock(state: dict) -> int:
+    """The weight's projected step count (a CPU tensor, so no device sync)."""
+    if "refresh.t" not in state:
+        state["refresh.t"] = torch.zeros((), dtype=torch.int64)
+    return int(state["refresh.t"])
 
 
-def basis_matrix(projector, state: dict, s: int, rank: int, dtype: torch.dtype) -> Tensor:
-    """The (s, r) orthonormal basis of the current subspace, whatever the projector stores."""
-    return projector.up(torch.eye(rank, dtype=dtype, device=state_device(state)), state, s)
+class Every:
+    """Refresh every ``update_proj_gap`` steps, starting at step 0."""
+
+    wants_overlap = False
+
+    def __init__(self, update_proj_gap: int) -> None:
+        self.gap = update_proj_gap
+
+    def due(self, state: dict) -> bool:
+        return "refresh.next" not in state or clock(state) >= int(state["refresh.next"])
+
+    def refreshed(self, state: dict, overlap: float | None) -> None:
+        """Called right after a refresh at the current clock: schedule the next one."""
+        state["refresh.next"] = torch.tensor(clock(state) + self.current_gap(state), dtype=torch.int64)
+
+    def current_gap(self, state: dict) -> int:
+        return self.gap
+
+    @staticmethod
+    def tick(state: dict) -> None:
+        state["refresh.t"] += 1
 
 
-def state_device(state: dict) -> torch.device:
-    for v in state.values():
-        if isinstance(v, Tensor):
-            return v.device
-    return torch.device("cpu")
+class Lazy(Every):
+    """Q-GaLore's adaptive gap: grow it while consecutive subspaces keep overlapping."""
 
+    wants_overlap = True
 
-def schedule_next(state: dict, group: dict, t: int, overlap: float | None) -> None:
-    """Record the refresh at step t and set the next one."""
-    gap = int(state["proj.gap"]) if "proj.gap" in state else group["update_proj_gap"]
-    if group.get("refresh", "every") == "lazy" and overlap is not None:
-        window = group.get("lazy_window", 5)
-        hist = state.get("proj.overlaps", torch.zeros(0, dtype=torch.float32))
-        hist = torch.cat([hist, torch.tensor([overlap], dtype=torch.float32)])[-window:]
-        state["proj.overlaps"] = hist
-        if len(hist) == window and float(hist.mean()) >= group.get("lazy_threshold", 0.4):
-            gap = int(gap * group.get("lazy_growth", 2))
-            state["proj.overlaps"] = hist[:0]  # judge the new gap afresh
-    if group.get("refresh", "every") == "lazy":
-        state["proj.gap"] = torch.tensor(gap, dtype=torch.int64)
-    state["proj.next"] = torch.tensor(t + gap, dtype=torch.int64)
+    def __init__(self, update_proj_gap: int, lazy_threshold: float, lazy_window: int, lazy_growth: float) -> None:
+        super().__init__(update_proj_gap)
+        self.threshold, self.window, self.growth = lazy_threshold, lazy_window, lazy_growth
+
+    def current_gap(self, state: dict) -> int:
+        return int(state["refresh.gap"]) if "refresh.gap" in state else self.gap
+
+    def refreshed(self, state: dict, overlap: float | None) -> None:
+        gap = self.current_gap(state)
+        if overlap is not None:
+            hist = state.get("refresh.overlaps", torch.zeros(0, dtype=torch.float32))
+            hist = torch.cat([hist, torch.tensor([overlap], dtype=torch.float32)])[-self.window:]
+            state["refresh.overlaps"] = hist
+            if len(hist) == self.window and float(hist.mean()) >= self.threshold:
+                gap = int(gap * self.growth)
+                state["refresh.overlaps"] = hist[:0]  # judge the new gap afresh
+        state["refresh.gap"] = torch.tensor(gap, dtype=torch.int64)
+        super().refreshed(state, overlap)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from gradlore.projectors.base import ProjectorBase, warn_once
+from gradlore.projectors.base import Context, StoredBasis, warn_once
 from gradlore.projectors.random import random_basis
 
 
@@ -32,26 +32,16 @@ def top_left_singular_vectors(g: Tensor, rank: int, *, transposed: bool, dtype: 
     return None
 
 
-class SVDProjector(ProjectorBase):
-    def refresh(self, g, rank, state, *, transposed, name, seed):
-        basis = top_left_singular_vectors(g, rank, transposed=transposed, dtype=g.dtype)
+class SVDProjector(StoredBasis):
+    def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> None:
+        basis = top_left_singular_vectors(g, rank, transposed=ctx.transposed, dtype=g.dtype)
         if basis is None:
             if "proj.basis" in state:
-                warn_once("svd", name, f"gradlore: SVD of the gradient of {name} failed or is not finite "
+                warn_once("svd", ctx.name, f"gradlore: SVD of the gradient of {ctx.name} failed or is not finite "
                           "(non-finite gradient?); keeping the previous projection basis.")
                 return None
-            warn_once("svd", name, f"gradlore: SVD of the gradient of {name} failed or is not finite on "
+            warn_once("svd", ctx.name, f"gradlore: SVD of the gradient of {ctx.name} failed or is not finite on "
                       "its first refresh; using a random orthonormal basis until the next refresh.")
-            basis = random_basis(g.shape[0], rank, seed, g.dtype, g.device)
+            basis = random_basis(g.shape[0], rank, ctx.seed, g.dtype, g.device)
         state["proj.basis"] = basis
         return None
-
-    def down(self, g: Tensor, state: dict) -> Tensor:
-        return state["proj.basis"].mT @ g  # (r, s) @ (s, l) -> (r, l)
-
-    def gram(self, state: dict) -> Tensor:
-        basis = state["proj.basis"]
-        return basis.mT @ basis  # (r, r): I up to the basis' rounding (a float32 SVD)
-
-    def up_add_(self, out: Tensor, x: Tensor, state: dict, alpha: float) -> None:
-        out.addmm_(state["proj.basis"], x, alpha=alpha)  # (s, r) @ (r, l), added in place

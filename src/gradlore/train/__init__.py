@@ -1,13 +1,8 @@
-"""Training driver: typed config + presets, LLaMA models, the resumable loop, checkpoints (``gradlore train``)."""
+"""The training driver: typed config and presets, the one training loop (``Trainer``) with hooks, checkpoints."""
 
-from gradlore.train.config import PRESETS, RunConfig, preset, resolve
+from gradlore.train.config import RunConfig
+from gradlore.train.hooks import Hook
+from gradlore.train.presets import PRESETS, preset, resolve
+from gradlore.train.trainer import Trainer, run
 
-__all__ = ["PRESETS", "RunConfig", "preset", "resolve", "run"]
-
-
-def __getattr__(name: str):
-    if name == "run":  # the loop pulls in transformers; import it on demand
-        from gradlore.train.loop import run
-
-        return run
-    raise AttributeError(name)
+__all__ = ["PRESETS", "Hook", "RunConfig", "Trainer", "preset", "resolve", "run"]

@@ -107,8 +107,9 @@ def load_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path]:
         except Exception as exc:  # truncated zip, bad pickle, wrong format: all mean "unusable"
             reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             tried.append(f"{path} ({reason})")
-            print(f"gradlore train: warning: checkpoint {path} is corrupt or truncated: {reason}; "
-                  "trying the previous one.", file=sys.stderr)
+            then = "trying the previous one" if name == NEWEST and (folder / PREVIOUS).exists() else "no other is left"
+            print(f"gradlore train: warning: checkpoint {path} is corrupt or truncated: {reason}; {then}.",
+                  file=sys.stderr)
     if tried:
         raise UserError("no usable checkpoint: " + "; ".join(tried) +
                         ". Fix: --overwrite to start the run again (or restore a checkpoint file).")

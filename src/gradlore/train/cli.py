@@ -1,8 +1,14 @@
-"""``gradlore train``: pretrain or fine-tune a LLaMA-style model with any gradlore optimizer.
+"""``gradlore train | finetune | analyze``: three faces of the one training loop.
 
-With no arguments it trains the ``default`` preset (4-layer, 256-wide LLaMA, byte-level BPE-4k trained
-on the Shakespeare corpus, DCT projection rank 64) for a few CPU minutes and prints where the plot,
-metrics and checkpoint are. Flags map onto config fields; ``--set SECTION.FIELD=VALUE`` reaches any of them.
+- ``train``: pretrain (or, with ``--init``, fine-tune) a LLaMA-style model with any gradlore optimizer. With no
+  arguments it trains the ``default`` preset (4-layer, 256-wide LLaMA, byte-level BPE-4k trained on the
+  Shakespeare corpus, DCT projection rank 64) for a few CPU minutes and prints where the outputs are.
+- ``finetune``: ``train --preset finetune --init MODEL``: only the low-rank components of a WeLore-compressed
+  model train (``--full``: every weight, the dense baseline; ``--train-norms``: the norms too).
+- ``analyze``: ``train --preset analyze``: a short AdamW run that records per-layer gradient-rank statistics
+  (``--from FILE`` re-plots an earlier recording).
+
+Flags map onto config fields; ``--set SECTION.FIELD=VALUE`` reaches any of them.
 """
 
 from __future__ import annotations
@@ -13,30 +19,41 @@ import sys
 import time
 from pathlib import Path
 
+from gradlore.analysis.plot import format_summary, plot_records, summarize
+from gradlore.analysis.recorder import read_records
 from gradlore.errors import UserError
+from gradlore.models import SIZES
+from gradlore.optim.build import optimizer_names
+from gradlore.train.config import RunConfig, apply_override, load_run_config
+from gradlore.train.presets import PRESETS, resolve
+from gradlore.train.rundir import CONFIG_FILE
+from gradlore.train.trainer import run
 
 EPILOG = """examples:
   gradlore train                                   # default preset: small LLaMA, Shakespeare, DCT
-  gradlore train --data notes.txt --model tiny --optimizer adamw --steps 200
-  gradlore train --preset galore_60m --optimizer fira --set data.tokenizer=path/to/t5-base
+  gradlore train --preset tiny --optimizer adamw --steps 200 --out runs/tiny
+  gradlore train --data notes.txt --model small --optimizer fira --set optim.update_proj_gap=200
   gradlore train --out runs/x --resume              # continue a killed run exactly where it stopped
-  gradlore train --init runs/x/final --data more.jsonl --set optim.lr=1e-4   # fine-tune
+  gradlore finetune --model runs/smol-w20 --data notes.txt --steps 100 --out runs/smol-w20-ft
+  gradlore analyze --steps 300 --out runs/analyze   # gradient-rank statistics by layer type
 """
 
+# flag -> config field; each command adds the flags it uses
+FLAGS = {"data": "data.path", "model": "model.size", "init": "model.init", "optimizer": "optim.name",
+         "lr": "optim.lr", "rank": "optim.rank", "steps": "train.steps", "seed": "train.seed",
+         "batch_size": "train.batch_size", "block_size": "data.block_size", "every": "analysis.every"}
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from gradlore.train.config import PRESETS
 
-    p = sub.add_parser("train", help="pretrain or fine-tune a LLaMA-style model", description=__doc__,
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="default", help=f"config preset: {', '.join(PRESETS)} (default: default)")
-    p.add_argument("--data", help="text file, folder, JSONL, corpus name (shakespeare) or hf:DATASET[:CONFIG]")
-    p.add_argument("--model", help="model size: tiny, small, llama_60m, llama_130m, llama_350m, llama_1b")
-    p.add_argument("--init", help="pretrained Hugging Face model folder to fine-tune")
-    p.add_argument("--optimizer", help="adamw, a gradlore preset (galore, dct, fira, frugal, ...) or galore-torch")
+def _common(p: argparse.ArgumentParser, preset: str) -> None:
+    p.add_argument("--preset", default=None, help=f"config preset: {', '.join(PRESETS)} (default: {preset})")
+    p.add_argument("--data", help="text file, folder, JSONL, corpus name (shakespeare, tiny-shakespeare) or "
+                                  "hf:DATASET[:CONFIG]")
+    p.add_argument("--optimizer", help=f"one of {', '.join(optimizer_names())}")
     p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--rank", type=int, help="projection rank")
+    p.add_argument("--rank", type=int, help="projection rank of a gradlore optimizer")
     p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    p.add_argument("--block-size", type=int, help="tokens per sequence")
     p.add_argument("--seed", type=int, help="random seed (model init and data order)")
     p.add_argument("--out", help="run directory (default: runs/<preset>-<optimizer>-<timestamp>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -44,57 +61,108 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set optim.rank=64 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(default_preset=preset)
+
+
+def add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pretrain or fine-tune a LLaMA-style model", description=__doc__,
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(p, "default")
+    p.add_argument("--model", help=f"model size: {', '.join(SIZES)}")
+    p.add_argument("--init", help="pretrained model folder (dense or compressed) or alias to fine-tune")
     p.set_defaults(func=main)
-    return p
+
+
+def add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a pretrained or compressed model (its low-rank parts, or --full)",
+                       description="Fine-tune a model folder; for a WeLore-compressed model only its low-rank "
+                                   "components (LRC) train unless --full. Same flags as `gradlore train`.")
+    _common(p, "finetune")
+    p.add_argument("--model", dest="init", help="model folder (dense or `gradlore compress` output) or alias")
+    p.add_argument("--full", action="store_true", help="train every weight (the dense baseline)")
+    p.add_argument("--train-norms", action="store_true", help="also train the normalisation layers")
+    p.set_defaults(func=main)
+
+
+def add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="record gradient stable rank / subspace drift per layer type while training",
+                       description="A short training run that records gradient-rank statistics every --every steps "
+                                   "(stable rank, 90%%-energy rank, subspace cosine between records, weight stable "
+                                   "rank) and plots them by layer type (arXiv 2407.11239). Same flags as "
+                                   "`gradlore train`; --from re-plots an earlier recording.")
+    _common(p, "analyze")
+    p.add_argument("--model", help=f"model size: {', '.join(SIZES)}")
+    p.add_argument("--every", type=int, help="record every K steps (default 10)")
+    p.add_argument("--from", dest="from_path", help="re-plot an existing gradient_stats.jsonl (or its run folder)")
+    p.set_defaults(func=main)
 
 
 def _assignments(args: argparse.Namespace) -> list[str]:
     """Flags first, then --set (so --set wins)."""
-    flags = {"data": "data.path", "model": "model.size", "init": "model.init", "optimizer": "optim.name",
-             "lr": "optim.lr", "rank": "optim.rank", "steps": "train.steps", "seed": "train.seed"}
-    out = [f"{key}={getattr(args, name)}" for name, key in flags.items() if getattr(args, name) is not None]
+    out = [f"{key}={getattr(args, name)}" for name, key in FLAGS.items() if getattr(args, name, None) is not None]
+    if getattr(args, "full", False):
+        out.append("model.trainable=all")
+    elif getattr(args, "train_norms", False):
+        out.append("model.trainable=lrc+norms")
     return out + list(args.overrides)
 
 
-def resolve_args(args: argparse.Namespace):
-    """(config, run directory) from parsed arguments; --resume reuses the run's saved config."""
-    from gradlore.train.config import RunConfig, apply_override, resolve
-
+def resolve_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
+    """(config, run directory) from parsed arguments; --resume starts from the run's saved config."""
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out RUN_DIR (the run to continue).")
-        saved = Path(args.out) / "config.json"
+        saved = Path(args.out) / CONFIG_FILE
         if not saved.exists():
-            raise UserError(f"--resume: {args.out} has no config.json, so it is not a gradlore run. "
+            raise UserError(f"--resume: {args.out} has no {CONFIG_FILE}, so it is not a gradlore run. "
                             "Fix: pass the --out of an earlier run.")
-        cfg = RunConfig.from_dict(json.loads(saved.read_text()))
-        for assignment in _assignments(args):  # e.g. more --steps
+        cfg = load_run_config(saved)
+        if args.preset is not None and args.preset != cfg.preset:
+            raise UserError(f"--resume continues the same run, so the preset cannot change: {cfg.preset!r} in the "
+                            f"run, {args.preset!r} now. Fix: drop --preset.")
+        for assignment in _assignments(args):
             apply_override(cfg, assignment)
         cfg.validate()
     else:
-        cfg = resolve(args.preset, _assignments(args))
+        cfg = resolve(args.preset or args.default_preset, _assignments(args))
+    if args.default_preset == "finetune" and not cfg.model.init:
+        raise UserError("gradlore finetune needs --model DIR (a model folder or `gradlore compress` output).")
     out = Path(args.out) if args.out else Path("runs") / (
         f"{cfg.preset}-{cfg.optim.name}-{time.strftime('%Y%m%d-%H%M%S')}")
     return cfg, out
 
 
+def replot(path: str, out: str | None) -> int:
+    records = read_records(path)
+    src = Path(path)
+    folder = Path(out) if out else (src if src.is_dir() else src.parent)
+    png = plot_records(records, folder / "gradient_rank.png", title=src.name)
+    print(format_summary(summarize(records)))
+    print(f"\nplot: {png}")
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "from_path", None):
+        return replot(args.from_path, args.out)
     cfg, out = resolve_args(args)
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
-    from gradlore.train.loop import run
-
     summary = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
     paths = summary["paths"]
     print(f"run:        {paths['run']}  ({summary['status']}, {summary['steps']} steps, "
           f"{summary['tokens']:,} tokens, {summary['tokens_per_s']:.0f} tokens/s)")
     print(f"val loss:   {summary['final_val_loss']:.4f}  (perplexity {summary['final_val_ppl']:.2f})")
+    print(f"trainable:  {summary['trainable_params']:,} of {summary['params']:,} parameters; optimizer state "
+          f"{summary['opt_state_bytes'] / 2**20:.1f} MiB; peak RSS {summary['peak_rss_bytes'] / 2**20:.0f} MiB")
     print(f"plot:       {paths['plot']}")
     print(f"metrics:    {paths['metrics']}")
     print(f"checkpoint: {paths['checkpoint']}")
     if paths["model"]:
         print(f"model:      {paths['model']}  (use with --init)")
+    if "gradient_plot" in paths:
+        print(f"gradients:  {paths['gradient_stats']}  (plot {paths['gradient_plot']})")
     print(f"summary:    {Path(paths['run']) / 'summary.json'}")
     sys.stdout.flush()
     return {"completed": 0, "interrupted": 130, "diverged": 1}[summary["status"]]

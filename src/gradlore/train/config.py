@@ -1,15 +1,19 @@
-"""Typed, self-validating training configuration, presets as Python functions, and ``--set`` overrides.
+"""Typed, self-validating run configuration, ``--set`` overrides, and what ``--resume`` may change.
 
-The protocol reproduced by the ``galore_*`` presets is GaLore's C4 pretraining (Zhao et al.,
-arXiv:2403.03507, §5.1): LLaMA 60M–1B, sequence length 256, 512 sequences per step, LR warmup over
-10% of the steps then cosine decay to 10% of the peak, rank 128–512, projector refresh every 200
-steps, scale 0.25, bf16. The learning rate at step t (0-based, warmup W, total S, floor ρ) is
+A run is one ``RunConfig``: ``data`` (``gradlore.data.config``), ``model``, ``optim``
+(``gradlore.optim.build``), ``schedule``, ``train`` and ``analysis``. Presets are Python functions
+(``gradlore.train.presets``). Overrides name a field by its dotted path (``optim.rank=64``); the value is
+parsed by the field's type, and an unknown field or a value of the wrong type is a UserError that names
+the field, suggests the closest one and lists what would work.
+
+The learning rate at step t (0-based, warmup W, total S, floor ρ) is
 
     lr(t) = lr · (t+1)/W                                         for t < W
     lr(t) = lr · (ρ + (1-ρ)·½(1 + cos(π·(t-W)/(S-W))))            otherwise.
 
-Overrides name a field by its dotted path (``optim.rank=64``); the value is parsed by the field's type,
-and an unknown field or a value of the wrong type is a UserError that lists what would work.
+Resuming continues the *same* run: a field in ``FIXED_ON_RESUME`` (what is trained, on what data, with which
+optimizer) is refused when it differs from the saved run, naming both values; every other field (LR, steps,
+schedule, cadences, clipping, weight decay) is applied from the resumed step on and recorded.
 """
 
 from __future__ import annotations
@@ -18,82 +22,36 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from gradlore.errors import UserError
+from gradlore.data.config import DataConfig
+from gradlore.errors import UserError, did_you_mean, require_positive
+from gradlore.models import check_size
+from gradlore.optim.build import OptimConfig
 
-
-@dataclass
-class DataConfig:
-    path: str = "shakespeare"        # file, folder, JSONL, corpus name, or hf:NAME[:CONFIG]
-    tokenizer: str = "bpe"           # "bpe" (train on the corpus, cached) or a folder / .model / .json
-    vocab_size: int = 4096           # BPE vocabulary when tokenizer == "bpe"
-    block_size: int = 256            # tokens per training sequence
-    val_fraction: float = 0.05       # tail of a local corpus held out for validation
-    val_blocks: int = 64             # validation blocks taken from a stream or a val split
-    text_field: str = "text"         # JSONL / dataset field that holds the text
-    split: str = "train"             # dataset split to train on (hf: only)
-    val_split: str = ""              # dataset split to validate on (hf: only; "" = hold out the stream head)
-    streaming: bool = False          # stream an hf: dataset instead of downloading it whole
-    data_files: str = ""             # passed to datasets.load_dataset (e.g. hf:json with a local file)
-    bpe_train_docs: int = 20000      # documents of a stream used to train the BPE
-
-    def validate(self) -> None:
-        _positive(self, "vocab_size", "block_size", "val_blocks", "bpe_train_docs")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"data.val_fraction={self.val_fraction} must be in (0, 1). Fix: e.g. 0.05.")
-        if self.streaming and not self.path.startswith("hf:"):
-            raise UserError("data.streaming=true needs an hf:DATASET path. Fix: drop data.streaming.")
+TRAINABLE = ("all", "lrc", "lrc+norms")
 
 
 @dataclass
 class ModelConfig:
-    size: str = "small"              # a name in gradlore.train.models.SIZES
-    init: str = ""                   # pretrained Hugging Face folder to fine-tune ("" = train from scratch)
+    size: str = "small"              # a name in gradlore.models.SIZES
+    init: str = ""                   # model folder (dense or compressed) or alias to fine-tune ("" = from scratch)
+    trainable: str = "all"           # all | lrc (low-rank factors only) | lrc+norms
 
     def validate(self) -> None:
         if not self.init:
-            from gradlore.train.models import check_size
-
             check_size(self.size)
-
-
-@dataclass
-class OptimConfig:
-    name: str = "dct"                # "adamw", a gradlore preset (gradlore.presets.PRESETS), or "galore-torch"
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    rank: int = 64
-    update_proj_gap: int | None = None   # None = the preset's own default
-    scale: float | None = None           # None = the preset's own default
-    target_modules: str = "all-linear"
-    overrides: dict = field(default_factory=dict)  # any other param-group key of the preset, as JSON
-    grad_clip: float = 1.0               # clip by global norm; 0 = off
-    layerwise: bool = False              # update each weight inside backward and free its grad
-
-    def validate(self) -> None:
-        _positive(self, "lr", "rank")
-        if self.update_proj_gap is not None and self.update_proj_gap <= 0:
-            raise UserError("optim.update_proj_gap must be > 0. Fix: e.g. --set optim.update_proj_gap=200.")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise UserError("optim.grad_clip and optim.weight_decay must be >= 0.")
-        if self.layerwise and self.grad_clip > 0:
-            raise UserError("layer-wise updates happen inside backward, so global-norm clipping is impossible. "
-                            "Fix: --set optim.grad_clip=0 with optim.layerwise=true.")
-        from gradlore.train.optimizers import check_optimizer
-
-        check_optimizer(self.name)
+        if self.trainable not in TRAINABLE:
+            raise UserError(f"model.trainable={self.trainable!r} is not one of {', '.join(TRAINABLE)}."
+                            f"{did_you_mean(self.trainable, TRAINABLE)}")
 
 
 @dataclass
 class ScheduleConfig:
     warmup_steps: int = -1           # -1 = 10% of train.steps (GaLore)
-    min_lr_ratio: float = 0.1        # cosine floor as a fraction of the peak LR
+    min_lr_ratio: float = 0.1        # cosine floor as a fraction of the peak LR (1.0 = constant after warmup)
 
     def validate(self) -> None:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -118,10 +76,25 @@ class TrainConfig:
     progress: bool = True            # tqdm progress bar
 
     def validate(self) -> None:
-        _positive(self, "steps", "batch_size", "grad_accum", "eval_every", "log_every", "ckpt_every",
-                  "max_bad_steps")
+        require_positive(self, "train", "steps", "batch_size", "grad_accum", "eval_every", "log_every",
+                         "ckpt_every", "max_bad_steps")
         if self.eval_batches < 0 or self.threads < 0:
             raise UserError("train.eval_batches and train.threads must be >= 0.")
+
+
+@dataclass
+class AnalysisConfig:
+    every: int = 0                   # record gradient-rank statistics every K steps (0 = off)
+    rank: int = 8                    # r of the subspace whose drift between records is measured
+    top_k: int = 8                   # leading singular values stored per record
+    weights: bool = True             # also record each weight's stable rank
+    target_modules: str = "all-linear"  # "all-linear", comma-separated name fragments, or re:REGEX
+
+    def validate(self) -> None:
+        if self.every < 0:
+            raise UserError(f"analysis.every={self.every} must be >= 0 (0 = off).")
+        if self.every:
+            require_positive(self, "analysis", "rank", "top_k")
 
 
 @dataclass
@@ -132,15 +105,17 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+    def sections(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preset"}
 
     def validate(self) -> RunConfig:
-        for section in (self.data, self.model, self.optim, self.schedule, self.train):
+        for section in self.sections().values():
             section.validate()
         if self.schedule.warmup_steps >= self.train.steps:
             raise UserError(f"schedule.warmup_steps={self.schedule.warmup_steps} must be below train.steps="
                             f"{self.train.steps}. Fix: fewer warmup steps (or -1 for 10%).")
-        if self.optim.layerwise and self.train.grad_accum > 1 and self.optim.name == "galore-torch":
-            raise UserError("galore-torch has no layer-wise mode with accumulation here. Fix: optim.layerwise=false.")
         return self
 
     @property
@@ -152,90 +127,30 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """Rebuild a config written by ``to_dict``; a key this version does not know is a UserError."""
         cfg = cls()
         for name, value in d.items():
             if name == "preset":
                 cfg.preset = value
                 continue
-            section = getattr(cfg, name)
+            section = cfg.sections().get(name)
+            if section is None or not isinstance(value, dict):
+                raise UserError(f"config section {name!r} is not known here.{did_you_mean(name, cfg.sections())}")
+            known = {f.name for f in dataclasses.fields(section)}
             for key, v in value.items():
+                if key not in known:
+                    raise UserError(f"config field {name}.{key} is not known here.{did_you_mean(key, known)}")
                 setattr(section, key, v)
         return cfg
 
 
-def _positive(obj: Any, *names: str) -> None:
-    section = type(obj).__name__.replace("Config", "").lower()
-    for name in names:
-        if getattr(obj, name) <= 0:
-            raise UserError(f"{section}.{name}={getattr(obj, name)} must be > 0.")
-
-
-# ---------------------------------------------------------------------------------------------- presets
-def default() -> RunConfig:
-    """The no-argument job: small LLaMA (4×256), BPE-4k on Shakespeare, DCT rank 64, a few CPU minutes."""
-    cfg = RunConfig(preset="default")
-    cfg.train.threads = 2
-    return cfg
-
-
-def tiny() -> RunConfig:
-    """Seconds on a CPU: 2×64 LLaMA, BPE-512, 64-token blocks; tests and the golden loss curve use it."""
-    cfg = RunConfig(preset="tiny")
-    cfg.model.size = "tiny"
-    cfg.data.vocab_size, cfg.data.block_size = 512, 64
-    cfg.optim.rank, cfg.optim.update_proj_gap, cfg.optim.lr = 16, 10, 3e-3
-    cfg.train.steps, cfg.train.batch_size = 30, 4
-    cfg.train.eval_every, cfg.train.eval_batches, cfg.train.ckpt_every = 10, 4, 10
-    cfg.train.threads, cfg.train.progress = 1, False
-    return cfg
-
-
-def _galore(size: str, steps: int, rank: int) -> RunConfig:
-    cfg = RunConfig(preset=f"galore_{size.split('_')[1]}")
-    cfg.model.size = size
-    cfg.data.path, cfg.data.streaming, cfg.data.val_split = "hf:allenai/c4:en", True, "validation"
-    cfg.data.vocab_size, cfg.data.block_size = 32000, 256
-    cfg.optim.name, cfg.optim.lr, cfg.optim.rank = "galore", 1e-2, rank
-    cfg.optim.update_proj_gap, cfg.optim.scale, cfg.optim.grad_clip = 200, 0.25, 0.0
-    cfg.train.steps, cfg.train.batch_size, cfg.train.grad_accum, cfg.train.bf16 = steps, 128, 4, True
-    cfg.train.eval_every, cfg.train.ckpt_every, cfg.train.eval_batches = 1000, 1000, 80
-    return cfg
-
-
-def galore_60m() -> RunConfig:
-    """GaLore Table 2: LLaMA 60M on C4, 10K steps (1.1B tokens), rank 128."""
-    return _galore("llama_60m", 10_000, 128)
-
-
-def galore_130m() -> RunConfig:
-    """GaLore Table 2: LLaMA 130M on C4, 20K steps (2.2B tokens), rank 256."""
-    return _galore("llama_130m", 20_000, 256)
-
-
-def galore_350m() -> RunConfig:
-    """GaLore Table 2: LLaMA 350M on C4, 60K steps (6.4B tokens), rank 256."""
-    return _galore("llama_350m", 60_000, 256)
-
-
-def galore_1b() -> RunConfig:
-    """GaLore Table 2: LLaMA 1B on C4, 100K steps (13.1B tokens), rank 512."""
-    return _galore("llama_1b", 100_000, 512)
-
-
-PRESETS: dict[str, Callable[[], RunConfig]] = {
-    "default": default,
-    "tiny": tiny,
-    "galore_60m": galore_60m,
-    "galore_130m": galore_130m,
-    "galore_350m": galore_350m,
-    "galore_1b": galore_1b,
-}
-
-
-def preset(name: str) -> RunConfig:
-    if name not in PRESETS:
-        raise UserError(f"unknown config preset {name!r}. Fix: --preset one of {', '.join(PRESETS)}.")
-    return PRESETS[name]()
+def load_run_config(path: Path) -> RunConfig:
+    """A run folder's saved ``config.json``; unreadable or foreign content is a UserError naming the file."""
+    try:
+        return RunConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, UserError, AttributeError, TypeError) as exc:
+        raise UserError(f"--resume: {path} is not a readable gradlore run config ({str(exc)[:200]}). Fix: restore "
+                        "the file from the run (it is rewritten at every start), or start again with --overwrite.") from None
 
 
 # -------------------------------------------------------------------------------------------- overrides
@@ -277,29 +192,50 @@ def _example(typ: Any) -> str:
     return {bool: "true", int: "64", float: "1e-3", dict: '\'{"key": 1}\''}.get(typ, "VALUE")
 
 
-def apply_override(cfg: RunConfig, assignment: str) -> None:
-    """Apply one ``section.field=value`` assignment to ``cfg`` in place."""
+def field_names(cfg: RunConfig) -> list[str]:
+    return [f"{s}.{f.name}" for s, obj in cfg.sections().items() for f in dataclasses.fields(obj)]
+
+
+def apply_override(cfg: RunConfig, assignment: str) -> str:
+    """Apply one ``section.field=value`` assignment to ``cfg`` in place; returns the field's dotted name."""
     key, eq, text = assignment.partition("=")
     key = key.strip()
-    sections = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "preset"}
-    valid = [f"{s}.{f.name}" for s, obj in sections.items() for f in dataclasses.fields(obj)]
     if not eq or "." not in key:
         raise UserError(f"--set {assignment!r}: expected SECTION.FIELD=VALUE. Fix: e.g. --set optim.rank=64.")
     section_name, _, field_name = key.partition(".")
-    section = sections.get(section_name)
+    section = cfg.sections().get(section_name)
     if section is None or field_name not in {f.name for f in dataclasses.fields(section)}:
-        import difflib
-
-        close = difflib.get_close_matches(key, valid, n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UserError(f"--set: unknown config field {key!r}.{hint} Fix: use one of {', '.join(valid)}.")
+        valid = field_names(cfg)
+        raise UserError(f"--set: unknown config field {key!r}.{did_you_mean(key, valid)} "
+                        f"Fix: use one of {', '.join(valid)}.")
     hints = typing.get_type_hints(type(section))
     setattr(section, field_name, _parse(text.strip(), hints[field_name], key))
+    return key
 
 
-def resolve(preset_name: str, overrides: list[str]) -> RunConfig:
-    """Preset + overrides, validated."""
-    cfg = preset(preset_name)
-    for assignment in overrides:
-        apply_override(cfg, assignment)
-    return cfg.validate()
+# ----------------------------------------------------------------------------------------------- resume
+# What a resumed run may not change: the model, its data, the optimizer and its subspace, the batch.
+FIXED_ON_RESUME = (
+    "data.*", "model.*", "optim.name", "optim.rank", "optim.update_proj_gap", "optim.scale", "optim.target_modules",
+    "optim.overrides", "optim.layerwise", "optim.beta1", "optim.beta2", "optim.eps", "train.batch_size",
+    "train.grad_accum", "train.seed", "train.bf16",
+)
+
+
+def _fixed(key: str) -> bool:
+    return key in FIXED_ON_RESUME or f"{key.split('.')[0]}.*" in FIXED_ON_RESUME
+
+
+def resume_changes(saved: RunConfig, new: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """Fields that differ between the saved run and the resumed one: {field: (old, new)}.
+
+    Raises a UserError naming every field that a resumed run may not change.
+    """
+    old_d, new_d = saved.to_dict(), new.to_dict()
+    changes = {f"{s}.{k}": (old_d[s][k], v) for s in new.sections() for k, v in new_d[s].items() if old_d[s][k] != v}
+    refused = {k: v for k, v in changes.items() if _fixed(k)}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} in the run, {b!r} now" for k, (a, b) in refused.items())
+        raise UserError(f"--resume continues the same run, so these cannot change: {listed}. Fix: drop them to "
+                        "continue the run, or start a new run (--out NEW_DIR, or --overwrite).")
+    return changes

@@ -1,0 +1,136 @@
+"""Build an optimizer from a typed config: the one builder for the training driver, fine-tuning and benchmarks.
+
+- ``adamw``: ``torch.optim.AdamW`` (Loshchilov & Hutter, arXiv 1711.05101), fused where torch has it.
+- a gradlore preset (``galore``, ``dct``, ``fira``, ``frugal``, ``dct-fira``; ``gradlore.optim.presets``):
+  ``LowRankAdamW(param_groups(model, method=NAME, rank=r, ...))``: every targeted weight W (m×n) keeps Adam
+  moments of its projected gradient Pᵀ G (r×n) instead of G.
+- a peer package, for comparison: ``galore-torch`` (GaLore's authors' ``GaLoreAdamW``) and ``fira-adamw``
+  (Fira's authors' ``FiraAdamW``), on GaLore's own choice of targets (the 2-D weights of attention and MLP
+  modules). Their states hold Python projector objects, so they cannot be checkpointed with
+  ``weights_only=True`` and the driver refuses to resume them.
+
+With ``layerwise`` every parameter is updated inside backward (``LayerwiseOptimizer``), for any of them but
+the peers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradlore.errors import UserError, did_you_mean, require_positive
+from gradlore.optim.groups import param_groups, parse_targets
+from gradlore.optim.layerwise import LayerwiseOptimizer
+from gradlore.optim.lowrank_adamw import LowRankAdamW
+from gradlore.optim.parts import check_options
+from gradlore.optim.presets import PRESETS
+
+
+@dataclass
+class OptimConfig:
+    name: str = "dct"                # "adamw", a gradlore preset, or a peer ("galore-torch", "fira-adamw")
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    rank: int = 64
+    update_proj_gap: int | None = None   # None = the preset's own default
+    scale: float | None = None           # None = the preset's own default
+    target_modules: str = "all-linear"   # "all-linear", comma-separated name fragments, or re:REGEX
+    overrides: dict = field(default_factory=dict)  # any other param-group key of the preset, as JSON
+    grad_clip: float = 1.0               # clip by global norm; 0 = off
+    layerwise: bool = False              # update each weight inside backward and free its grad
+
+    def validate(self) -> None:
+        require_positive(self, "optim", "lr", "rank")
+        if self.update_proj_gap is not None and self.update_proj_gap <= 0:
+            raise UserError("optim.update_proj_gap must be > 0. Fix: e.g. --set optim.update_proj_gap=200.")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise UserError("optim.grad_clip and optim.weight_decay must be >= 0.")
+        if self.layerwise and self.grad_clip > 0:
+            raise UserError("layer-wise updates happen inside backward, so global-norm clipping is impossible. "
+                            "Fix: --set optim.grad_clip=0 with optim.layerwise=true.")
+        check_optimizer(self.name)
+        if self.name in PEERS and self.layerwise:
+            raise UserError(f"{self.name} is wired here only in its ordinary (not layer-wise) form. "
+                            "Fix: --set optim.layerwise=false.")
+        if self.name in PRESETS:
+            check_options(PRESETS[self.name](rank=self.rank, **self.group_overrides()), f"optimizer {self.name}")
+
+    def group_overrides(self) -> dict[str, Any]:
+        """The projected group's keys the config sets on top of the preset."""
+        extra = dict(self.overrides)
+        if self.update_proj_gap is not None:
+            extra["update_proj_gap"] = self.update_proj_gap
+        if self.scale is not None:
+            extra["scale"] = self.scale
+        return extra
+
+
+def _galore_targets(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """GaLore's README convention: 2-D weights of modules named *attn* or *mlp* are projected."""
+    lowrank, regular = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (lowrank if p.dim() == 2 and any(k in name for k in ("attn", "mlp")) else regular).append(p)
+    return lowrank, regular
+
+
+def _peer(module: str, cls: str, scale_key: str) -> Callable[..., torch.optim.Optimizer]:
+    """A peer's optimizer class on GaLore's groups; ``scale_key`` is its name for the scale (Fira: alpha)."""
+
+    def build(model: nn.Module, cfg: OptimConfig, **adamw: Any) -> torch.optim.Optimizer:
+        optimizer_cls = getattr(importlib.import_module(module), cls)  # an optional package, imported on use
+        lowrank, regular = _galore_targets(model)
+        groups = [{"params": regular}, {"params": lowrank, "rank": cfg.rank, "proj_type": "std",
+                                        "update_proj_gap": cfg.update_proj_gap or 200,
+                                        scale_key: 0.25 if cfg.scale is None else cfg.scale}]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return optimizer_cls(groups, no_deprecation_warning=True, **adamw)
+
+    return build
+
+
+PEERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "galore-torch": _peer("galore_torch", "GaLoreAdamW", "scale"),
+    "fira-adamw": _peer("fira", "FiraAdamW", "alpha"),
+}
+
+
+def optimizer_names() -> list[str]:
+    return ["adamw", *PRESETS, *PEERS]
+
+
+def check_optimizer(name: str) -> None:
+    if name not in optimizer_names():
+        raise UserError(f"unknown optimizer {name!r}.{did_you_mean(name, optimizer_names())} Fix: --optimizer adamw, "
+                        f"one of the gradlore presets ({', '.join(PRESETS)}), or a peer ({', '.join(PEERS)}).")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg`` over ``model``'s trainable parameters."""
+    cfg.validate()
+    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name in PEERS:
+        return PEERS[cfg.name](model, cfg, **adamw)
+    if cfg.name == "adamw":
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise UserError("nothing to train: every parameter of the model is frozen.")
+        params: Any = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
+        cls: type[torch.optim.Optimizer] = torch.optim.AdamW
+    else:
+        params = param_groups(model, method=cfg.name, rank=cfg.rank, target_modules=parse_targets(cfg.target_modules),
+                              **cfg.group_overrides())
+        cls = LowRankAdamW
+    if cfg.layerwise:
+        return LayerwiseOptimizer(params, optimizer_cls=cls, **adamw)
+    return cls(params, **adamw)

@@ -1,0 +1,151 @@
+"""The vocabulary of a param group: the optimizer's own keys, the four part slots, and each part's options.
+
+A group that carries ``rank`` is projected. Its keys are the AdamW keys, the projection keys below,
+and the options of the four parts it chose (one per slot):
+
+    projector   svd | dct | columns | random | identity     (gradlore.projectors.PROJECTORS)
+    residual    discard | fira | sign                       (RESIDUALS)
+    refresh     every | lazy                                (gradlore.projectors.REFRESH)
+    on_refresh  keep | reset                                (ON_REFRESH)
+
+``normalize_group`` fills every default from these declarations (the one place defaults live) and
+rejects an unknown key, a key of a part the group did not choose, or an illegal value, naming the fix.
+A group without ``rank`` is plain AdamW and may carry only AdamW's keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gradlore.errors import UserError, did_you_mean
+from gradlore.optim.moments import Keep, Reset
+from gradlore.optim.residual import Discard, FiraScale, SignDescent
+from gradlore.projectors import PROJECTORS, REFRESH
+from gradlore.registry import Option, Registry
+
+RESIDUALS = Registry("residual")
+RESIDUALS.add("discard", Discard)
+RESIDUALS.add("fira", FiraScale, fira_gamma=Option(1.01, float, check=lambda v: v >= 1, rule="at least 1",
+                                                   doc="Fira's norm-growth limit γ"))
+RESIDUALS.add("sign", SignDescent, residual_lr_ratio=Option(1.0, float, check=lambda v: v >= 0, rule="at least 0",
+                                                            doc="LR ratio of FRUGAL's signSGD on the residual"))
+
+ON_REFRESH = Registry("on_refresh")
+ON_REFRESH.add("keep", Keep)
+ON_REFRESH.add("reset", Reset)
+
+SLOTS: dict[str, Registry] = {"projector": PROJECTORS, "residual": RESIDUALS, "refresh": REFRESH,
+                              "on_refresh": ON_REFRESH}
+
+
+def _betas_ok(v: Any) -> bool:
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in v)
+
+
+# AdamW's keys: every group has them (the constructor's arguments are their defaults).
+ADAMW_OPTIONS: dict[str, Option] = {
+    "lr": Option(1e-3, float, check=lambda v: v >= 0, rule="at least 0"),
+    "betas": Option((0.9, 0.999), (tuple, list), check=_betas_ok, rule="two numbers in [0, 1)"),
+    "eps": Option(1e-8, float, check=lambda v: v >= 0, rule="at least 0"),
+    "weight_decay": Option(0.0, float, check=lambda v: v >= 0, rule="at least 0"),
+    "fused": Option(None, (bool, type(None)), rule="(None: wherever torch has the kernel)"),
+}
+# Keys a group may carry that are not options: what the optimizer and torch's LR schedulers put there.
+BOOKKEEPING = ("params", "param_names", "initial_lr")
+
+# Keys of a projected group, besides its parts' options.
+PROJECTION_OPTIONS: dict[str, Option] = {
+    "rank": Option(128, int, check=lambda v: v >= 0, rule="a positive integer (0 only with residual='sign')"),
+    "scale": Option(0.25, float, doc="factor on the projected update on its way back (alias: alpha)"),
+    "projector": Option("svd", choices=tuple(PROJECTORS)),
+    "residual": Option("discard", choices=tuple(RESIDUALS)),
+    "refresh": Option("every", choices=tuple(REFRESH)),
+    "on_refresh": Option("keep", choices=tuple(ON_REFRESH)),
+    "proj_type": Option("std", choices=("std",), doc="galore-torch's key; gradlore always projects the shorter side"),
+    "seed": Option(0, int, doc="seed of random bases (with the parameter and the refresh step)"),
+}
+ALIASES = {"alpha": "scale"}  # Fira's name for the scale
+
+
+def part_options(group: dict) -> dict[str, Option]:
+    """The options of the parts this group chose (defaults where a slot is not set)."""
+    out: dict[str, Option] = {}
+    for slot, registry in SLOTS.items():
+        out.update(registry.options(group.get(slot, PROJECTION_OPTIONS[slot].default)))
+    return out
+
+
+def _owner(key: str) -> str | None:
+    """'residual='fira'' for an option key of some part, else None."""
+    for slot, registry in SLOTS.items():
+        for name in registry:
+            if key in registry.options(name):
+                return f"{slot}={name!r}"
+    return None
+
+
+def _alias(group: dict, where: str) -> None:
+    for alias, key in ALIASES.items():
+        if alias in group:
+            value = group.pop(alias)
+            if key in group and group[key] != value:
+                raise UserError(f"{where}: both {key!r}={group[key]!r} and its alias {alias!r}={value!r} are set; "
+                                "give only one of them.")
+            group[key] = value
+
+
+def normalize_group(group: dict, where: str) -> dict:
+    """Check every key and value of a group (in place), fill the defaults of projected groups, return it."""
+    _alias(group, where)
+    projected = "rank" in group
+    if projected:
+        for slot in SLOTS:  # validate the slots first: they decide which further keys are legal
+            PROJECTION_OPTIONS[slot].validate(slot, group.setdefault(slot, PROJECTION_OPTIONS[slot].default), where)
+    legal = {**ADAMW_OPTIONS, **(PROJECTION_OPTIONS | part_options(group) if projected else {})}
+    for key in group:
+        if key in legal or key in BOOKKEEPING:
+            continue
+        owner = _owner(key)
+        if key in PROJECTION_OPTIONS or owner is not None:
+            if not projected:
+                raise UserError(f"{where}: {key!r} is a projection option but the group has no 'rank', so it would "
+                                "train as plain AdamW and ignore it. Fix: add rank=... (e.g. 128) or drop the key.")
+            raise UserError(f"{where}: {key!r} is an option of {owner}, but this group has "
+                            f"{owner.split('=')[0]}={group[owner.split('=')[0]]!r}, which does not read it. "
+                            f"Fix: drop {key!r} or set {owner}.")
+        known = list(ADAMW_OPTIONS) + list(PROJECTION_OPTIONS) + list(ALIASES) + [
+            k for reg in SLOTS.values() for k in reg.all_options()]
+        raise UserError(f"{where}: unknown key {key!r}.{did_you_mean(key, known)} "
+                        f"Valid keys here: {', '.join(sorted(legal))}.")
+    for key, value in group.items():
+        if key in legal:
+            legal[key].validate(key, value, where)
+    if projected:
+        for key, opt in legal.items():
+            if key not in ADAMW_OPTIONS:
+                group.setdefault(key, opt.default)
+        if group["rank"] == 0 and group["residual"] != "sign":
+            raise UserError(f"{where}: rank=0 must be a positive integer (0 only with residual='sign', i.e. pure "
+                            "signSGD). Fix: e.g. rank=128.")
+    return group
+
+
+def check_options(options: dict, where: str) -> None:
+    """Validate a projected group's keys without parameters (a config checked before a model exists)."""
+    normalize_group({"rank": 1, **dict(options), "params": []}, where)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """The four parts a projected group chose, built from its options."""
+
+    projector: Any
+    residual: Any
+    refresh: Any
+    on_refresh: Any
+
+    @classmethod
+    def of(cls, group: dict) -> Parts:
+        return cls(*(registry.build(group[slot], group) for slot, registry in SLOTS.items()))

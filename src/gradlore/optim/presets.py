@@ -1,0 +1,68 @@
+"""Presets: each method of the literature as a small composition of parts, with its paper's defaults.
+
+A preset is a function returning the keys of a projected param group; ``param_groups`` puts them on
+the targeted weights. Override any key by passing it: ``presets.galore(rank=64, scale=1.0)``. A preset
+states only what its paper chose; every other key takes the default declared with its part
+(``gradlore.optim.parts``). When an override swaps a part, the preset's options of the part it replaced
+are dropped (``frugal(residual="discard")`` has no ``residual_lr_ratio``); the caller's own keys are kept
+and validated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from gradlore.optim.parts import PROJECTION_OPTIONS, part_options
+
+Group = dict[str, Any]
+
+
+def _compose(base: Group, overrides: dict[str, Any]) -> Group:
+    """The preset's keys updated by the caller's; Fira's ``alpha`` is read as ``scale``."""
+    if "alpha" in overrides:
+        overrides = {**overrides, "scale": overrides["alpha"]}
+        del overrides["alpha"]
+    group = {**base, **overrides}
+    legal = set(PROJECTION_OPTIONS) | set(part_options(group))
+    return {k: v for k, v in group.items() if k in legal or k in overrides}
+
+
+def galore(rank: int = 128, **overrides: Any) -> Group:
+    """GaLore (arXiv 2403.03507): SVD of the gradient every 200 steps, scale 0.25, residual dropped."""
+    base = {"rank": rank, "projector": "svd", "update_proj_gap": 200, "scale": 0.25, "residual": "discard"}
+    return _compose(base, overrides)
+
+
+def dct(rank: int = 128, **overrides: Any) -> Group:
+    """SVD-free GaLore (arXiv 2505.17967): top-r DCT columns by L1 alignment; state is r indices."""
+    return galore(rank, **_compose({"projector": "dct", "dct_norm": "l1"}, overrides))
+
+
+def fira(rank: int = 128, **overrides: Any) -> Group:
+    """Fira (arXiv 2410.01623): GaLore plus norm-scaled residual with the norm-growth limiter (γ=1.01)."""
+    return galore(rank, **_compose({"residual": "fira", "fira_gamma": 1.01}, overrides))
+
+
+def frugal(rank: int = 128, **overrides: Any) -> Group:
+    """FRUGAL (arXiv 2411.07837): Adam in an SVD subspace, state-free signSGD on the rest; moments reset."""
+    base = {"scale": 1.0, "residual": "sign", "residual_lr_ratio": 1.0, "on_refresh": "reset"}
+    return galore(rank, **_compose(base, overrides))
+
+
+def dct_fira(rank: int = 128, **overrides: Any) -> Group:
+    """Fira's residual on the SVD-free DCT subspace: the parts compose."""
+    return fira(rank, **_compose({"projector": "dct", "dct_norm": "l1"}, overrides))
+
+
+PRESETS: dict[str, Callable[..., Group]] = {
+    "galore": galore,
+    "dct": dct,
+    "fira": fira,
+    "frugal": frugal,
+    "dct-fira": dct_fira,
+}
+
+
+def names() -> list[str]:
+    return list(PRESETS)

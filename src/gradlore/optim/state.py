@@ -1,0 +1,77 @@
+"""What an optimizer's state really retains, in bytes: the one counter for the driver, benchmarks and tests.
+
+Every tensor reachable from ``optimizer.state`` is found, walking dicts, lists and the attributes of
+objects kept there (the peers keep projector objects in their state), and reduced to its *storage*;
+each storage is counted once, in full. So a view that keeps a larger tensor alive (galore-torch's
+projection matrices are views of the whole SVD factor) is charged for the whole storage, and a
+parameter or gradient that a state happens to reference is not charged at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from gradlore.projectors import DCT_BASES
+
+_ATOMS = (str, bytes, int, float, bool, complex, type(None))
+
+
+def walk_tensors(obj: Any) -> list[Tensor]:
+    """Every tensor reachable from ``obj`` through containers and plain objects' attributes."""
+    out: list[Tensor] = []
+    seen: set[int] = set()
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen or isinstance(value, _ATOMS):
+            continue
+        seen.add(id(value))
+        if isinstance(value, Tensor):
+            out.append(value)
+        elif isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            stack.extend(value)
+        elif isinstance(value, (nn.Module, Optimizer, type)) or callable(value):
+            continue  # a model, an optimizer or a function reachable from state is not state
+        else:
+            stack.extend(getattr(value, "__dict__", {}).values())
+            stack.extend(getattr(value, s) for s in getattr(type(value), "__slots__", ()) if hasattr(value, s))
+    return out
+
+
+def _storage(t: Tensor) -> tuple[str, int, int]:
+    s = t.untyped_storage()
+    return str(t.device), s.data_ptr(), s.nbytes()
+
+
+def retained_bytes(obj: Any, exclude: list[Tensor] | tuple[Tensor, ...] = ()) -> int:
+    """Bytes of the distinct storages reachable from ``obj``, each in full; ``exclude``: not state."""
+    excluded = {_storage(t) for t in exclude if t is not None}
+    found = {_storage(t) for t in walk_tensors(obj) if t.device.type != "meta"}
+    return sum(key[2] for key in found - excluded)
+
+
+def dct_sizes(optimizer: Optimizer) -> set[int]:
+    """Basis sizes this optimizer's DCT-projected weights use (their shorter side)."""
+    sizes = set()
+    for group in getattr(optimizer, "param_groups", []):
+        if group.get("projector") == "dct":
+            sizes.update(min(p.shape) for p in group["params"] if "proj.indices" in optimizer.state.get(p, {}))
+    return sizes
+
+
+def state_bytes(optimizer: Optimizer, *, include_shared: bool = True) -> int:
+    """Bytes really retained by ``optimizer.state`` (any optimizer), parameters and gradients not counted.
+
+    With ``include_shared`` the DCT bases that its DCT-projected weights share (one per size, held by
+    ``gradlore.projectors.DCT_BASES``) are added once.
+    """
+    params = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"]]
+    exclude = params + [p.grad for p in params if p.grad is not None]
+    total = retained_bytes(dict(optimizer.state), exclude)
+    return total + (DCT_BASES.nbytes(dct_sizes(optimizer)) if include_shared else 0)
