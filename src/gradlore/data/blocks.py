@@ -40,6 +40,7 @@ class BlockSampler:
         self.epoch = 0
         self.position = 0
         self._perm = self._permutation(0)
+        self.part: slice | None = None  # multi-process: this rank's rows of each batch (the others are not read)
 
     def _permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
@@ -53,6 +54,7 @@ class BlockSampler:
                 self._perm = self._permutation(self.epoch)
             rows.append(int(self._perm[self.position]))
             self.position += 1
+        rows = rows if self.part is None else rows[self.part]
         if isinstance(self.blocks, torch.Tensor):
             return self.blocks[rows].to(torch.int64)  # (B, T)
         return torch.from_numpy(self.blocks[rows].astype(np.int64))  # (B, T)

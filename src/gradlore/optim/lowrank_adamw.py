@@ -17,6 +17,11 @@ rule, the refresh rule and the moment policy on refresh; the step below only cal
 State holds only tensors, each owned by one part: ``step``, ``exp_avg``, ``exp_avg_sq`` (Adam),
 ``proj.basis`` or ``proj.indices`` (projector), ``refresh.t``, ``refresh.next``, … (refresh rule),
 ``fira.prev_norm`` (residual rule).
+
+On several processes (``gradlore.optim.distributed``): parameters sharded by FSDP2 (DTensors) are stepped
+on their local pieces, and a projected weight sharded along its long side is projected and updated on its
+own columns; the optimizer's ``comm`` (a process group, set by the trainer or derived from the DTensors)
+makes every rank choose the same subspace. With one process nothing of this runs.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from itertools import chain
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from gradlore.errors import UserError
 from gradlore.optim.adam import adam_directions, adamw_update_
+from gradlore.optim.distributed import Comm, frame, local, refresh_sharded
 from gradlore.optim.parts import ADAMW_OPTIONS, Parts, normalize_group
-from gradlore.projectors import Context, is_transposed
+from gradlore.projectors import Context
 from gradlore.projectors.refresh import clock
 
 
@@ -95,6 +102,7 @@ class LowRankAdamW(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused)
         for key, value in defaults.items():
             ADAMW_OPTIONS[key].validate(key, value, "LowRankAdamW")
+        self.comm: Comm | None = None  # the ranks' process group (gradlore.optim.distributed.attach)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -142,19 +150,36 @@ class LowRankAdamW(Optimizer):
         return state
 
     def _plain_step(self, group: dict, params: list[Tensor]) -> None:
-        states = [self._moments(p, p) for p in params]
+        states = [self._moments(p, local(p)) for p in params]  # a sharded parameter: its local piece
         beta1, beta2 = group["betas"]
         adamw_update_(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+            [local(p) for p in params], [local(p.grad) for p in params], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], fused=group["fused"],
         )
 
-    def _refresh(self, parts: Parts, group: dict, name: str, g: Tensor, transposed: bool, state: dict) -> Tensor | None:
+    def _refresh(self, parts: Parts, group: dict, name: str, g: Tensor, transposed: bool, state: dict,
+                 comm: Comm | None = None) -> Tensor | None:
         """Choose the subspace anew; the refresh rule and the moment policy see the state before and after."""
-        before = {k: v for k, v in state.items() if k.startswith("proj.")}  # the old subspace (references)
-        ctx = Context(name, transposed, refresh_seed(group["seed"], name, clock(state)))
-        r = parts.projector.refresh(g, group["rank"], state, ctx)
+        before = self._old_subspace(state)
+        r = self._choose(parts, group, name, g, transposed, state, comm)
+        self._settle(parts, group, g, state, before)
+        return r
+
+    @staticmethod
+    def _old_subspace(state: dict) -> dict:
+        return {k: v for k, v in state.items() if k.startswith("proj.")}  # the old subspace (references)
+
+    @staticmethod
+    def _choose(parts: Parts, group: dict, name: str, g: Tensor, transposed: bool, state: dict,
+                comm: Comm | None = None) -> Tensor | None:
+        """The projector's refresh on g (s, l), or on this rank's columns (s, l_k) given ``comm``."""
+        ctx = Context(name, transposed, refresh_seed(group["seed"], name, clock(state)), comm)
+        return parts.projector.refresh(g, group["rank"], state, ctx)
+
+    @staticmethod
+    def _settle(parts: Parts, group: dict, g: Tensor, state: dict, before: dict) -> None:
         overlap = None
         if parts.refresh.wants_overlap and before:
             s, rank = g.shape[0], group["rank"]
@@ -164,40 +189,54 @@ class LowRankAdamW(Optimizer):
         parts.refresh.refreshed(state, overlap)
         if before:
             parts.on_refresh.refreshed(state, before, parts.projector)
-        return r
+
+    def _comm(self, group: dict) -> Comm | None:
+        """The process group of a multi-process run (FSDP2's mesh when nobody attached one), else None."""
+        if self.comm is None and any(isinstance(p, DTensor) for p in group["params"]):
+            mesh = next(p for p in group["params"] if isinstance(p, DTensor)).device_mesh
+            self.comm = Comm(mesh.get_group())
+        return self.comm if self.comm is not None and self.comm.world > 1 else None
 
     def _projected_step(self, gi: int, group: dict, indices: list[int]) -> None:
         parts = Parts.of(group)
-        work = []  # (param in the (s, l) frame, oriented grad (s, l), R (r, l), state)
-        for i in indices:
-            p = group["params"][i]
-            state = self.state[p]
-            transposed = is_transposed(p.shape)
-            g = p.grad.mT if transposed else p.grad  # (s, l) view, no copy
-            r = None
-            if parts.refresh.due(state):
-                r = self._refresh(parts, group, param_name(group, gi, i), g, transposed, state)
+        comm = self._comm(group)
+        params = [group["params"][i] for i in indices]
+        frames = [frame(p, comm) for p in params]  # this rank's W and G in the (s, l) frame, no copy
+        states = [self.state[p] for p in params]
+        names = [param_name(group, gi, i) for i in indices]
+        due = [k for k, state in enumerate(states) if parts.refresh.due(state)]
+        if comm is None:
+            fresh = {k: self._refresh(parts, group, names[k], frames[k].g, frames[k].transposed, states[k]) for k in due}
+        else:  # every rank must end with the same subspace
+            fresh = refresh_sharded(self, parts, group, names, frames, states, due, comm)
+        work = []  # (frame, R (r, l), state)
+        for k, (p, f, state) in enumerate(zip(params, frames, states)):
+            r = fresh.get(k)
             if r is None:
-                r = parts.projector.down(g, state)
+                r = parts.projector.down(f.g, state)
             parts.refresh.tick(state)
-            work.append((p.mT if transposed else p, g, r, self._moments(p, r)))
+            work.append((f, r, self._moments(p, r)))
 
         beta1, beta2 = group["betas"]
         directions = adam_directions(
-            [w[2] for w in work], [w[3]["exp_avg"] for w in work], [w[3]["exp_avg_sq"] for w in work],
-            [w[3]["step"] for w in work], beta1=beta1, beta2=beta2, eps=group["eps"], fused=group["fused"],
+            [w[1] for w in work], [w[2]["exp_avg"] for w in work], [w[2]["exp_avg_sq"] for w in work],
+            [w[2]["step"] for w in work], beta1=beta1, beta2=beta2, eps=group["eps"], fused=group["fused"],
         )
         lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
-        for (w, g, r, state), d in zip(work, directions):
-            fix = parts.residual(g, r, d, state, parts.projector, group["betas"])
+        for (f, r, state), d in zip(work, directions):
+            shards = {"comm": comm} if f.layout == "cols" else {}  # column sums span the ranks
+            fix = parts.residual(f.g, r, d, state, parts.projector, group["betas"], **shards)
             if scale != 1:
                 d.mul_(scale)
             if fix is not None and fix.low is not None:
                 d.add_(fix.low)
             if wd != 0:
-                w.mul_(1.0 - lr * wd)
+                f.w.mul_(1.0 - lr * wd)
+            w = f.w if f.rows is None else torch.zeros_like(f.g)  # rows layout: the whole update, then our rows
             parts.projector.up_add_(w, d, state, -lr)  # W -= lr · P·(scale·D + low), fused into one addmm
             if fix is not None and fix.col is not None:
-                w.addcmul_(g, fix.col[None, :], value=-lr)
+                w.addcmul_(f.g, fix.col[None, :], value=-lr)
             if fix is not None and fix.dense is not None:
                 w.add_(fix.dense, alpha=-lr)
+            if f.rows is not None:
+                f.w.add_(w[f.rows])

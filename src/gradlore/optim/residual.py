@@ -17,6 +17,9 @@ carries its term, so that a term which is low-rank or column-scaled costs no (s,
   Gram matrix: ‖S_j‖² = ‖G_j‖² - 2‖R_j‖² + R_jᵀ(PᵀP)R_j. Deliberate difference: we use the true
   complement S = G - P·R, where the authors subtract scale·P·R (identical at scale = 1).
 - sign (FRUGAL, arXiv 2411.07837): state-free signSGD on S, dense = residual_lr_ratio · sign(S).
+
+Every term is column-local except Fira's ‖S ⊙ φ‖, a sum over all columns: when g holds only this rank's
+columns (FSDP2 sharding along l), ``comm`` adds the other ranks' partial sums (one scalar all-reduce).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from gradlore.projectors.base import Projector
+from gradlore.projectors.base import Projector, Reducer
 
 
 class Correction(NamedTuple):
@@ -44,7 +47,7 @@ def _col_sq(g: Tensor) -> Tensor:
 
 class Discard:
     def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
-                 betas: tuple[float, float]) -> None:
+                 betas: tuple[float, float], comm: Reducer | None = None) -> None:
         return None
 
 
@@ -53,7 +56,7 @@ class FiraScale:
         self.gamma = fira_gamma
 
     def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
-                 betas: tuple[float, float]) -> Correction:
+                 betas: tuple[float, float], comm: Reducer | None = None) -> Correction:
         beta1, beta2 = betas
         wide = torch.promote_types(g.dtype, torch.float32)
         step = state["step"].double()  # a device tensor: no host sync for the bias correction
@@ -63,7 +66,10 @@ class FiraScale:
         gram = projector.gram(state)  # PᵀP (r, r), or None where the basis is orthonormal by construction
         r_m_r = r_sq if gram is None else (r * (gram @ r)).sum(0)
         res_sq = _col_sq(g) - 2 * r_sq + r_m_r  # ‖S_j‖² = ‖G_j‖² - 2‖R_j‖² + R_jᵀPᵀPR_j, (l,)
-        norm = (phi.square() * res_sq.clamp_min(0)).sum().sqrt().to(wide)  # ‖S ⊙ φ‖
+        norm_sq = (phi.square() * res_sq.clamp_min(0)).sum()
+        if comm is not None:  # g is this rank's columns: the norm runs over every rank's
+            comm.all_reduce_(norm_sq)
+        norm = norm_sq.sqrt().to(wide)  # ‖S ⊙ φ‖
         kappa = c
         prev = state.get("fira.prev_norm")
         if prev is not None:
@@ -80,7 +86,7 @@ class SignDescent:
         self.ratio = residual_lr_ratio
 
     def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
-                 betas: tuple[float, float]) -> Correction:
+                 betas: tuple[float, float], comm: Reducer | None = None) -> Correction:
         residual = g.clone()
         projector.up_add_(residual, r, state, -1.0)  # G - P·R, one matmul into the copy
         return Correction(dense=residual.sign_().mul_(self.ratio))

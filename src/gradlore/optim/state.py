@@ -4,7 +4,8 @@ Every tensor reachable from ``optimizer.state`` is found, walking dicts, lists a
 objects kept there (the peers keep projector objects in their state), and reduced to its *storage*;
 each storage is counted once, in full. So a view that keeps a larger tensor alive (galore-torch's
 projection matrices are views of the whole SVD factor) is charged for the whole storage, and a
-parameter or gradient that a state happens to reference is not charged at all.
+parameter or gradient that a state happens to reference is not charged at all. A sharded tensor (DTensor,
+FSDP2) is charged for its local piece: what this process retains.
 """
 
 from __future__ import annotations
@@ -12,11 +13,16 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from gradlore.projectors import DCT_BASES
 
 _ATOMS = (str, bytes, int, float, bool, complex, type(None))
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def walk_tensors(obj: Any) -> list[Tensor]:
@@ -30,7 +36,7 @@ def walk_tensors(obj: Any) -> list[Tensor]:
             continue
         seen.add(id(value))
         if isinstance(value, Tensor):
-            out.append(value)
+            out.append(_local(value))
         elif isinstance(value, dict):
             stack.extend(value.keys())
             stack.extend(value.values())
@@ -72,6 +78,6 @@ def state_bytes(optimizer: Optimizer, *, include_shared: bool = True) -> int:
     ``gradlore.projectors.DCT_BASES``) are added once.
     """
     params = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"]]
-    exclude = params + [p.grad for p in params if p.grad is not None]
+    exclude = [_local(t) for p in params for t in (p, p.grad) if t is not None]
     total = retained_bytes(dict(optimizer.state), exclude)
     return total + (DCT_BASES.nbytes(dct_sizes(optimizer)) if include_shared else 0)

@@ -2,6 +2,9 @@
 
 A projector maps an oriented gradient ``G`` of shape (s, l), s <= l, to a rank-r coordinate
 matrix ``R = down(G)`` of shape (r, l) and maps Adam's direction back with ``up``: (r, l) -> (s, l).
+Both act on the left (``down(G) = Pᵀ G``): column j of R depends only on column j of G. So a rank that
+holds whole columns of G (FSDP2 sharding a weight along its long side l) projects and updates its columns
+alone; only choosing P needs the other ranks, through ``Context.comm`` (``gradlore.optim.distributed``).
 Everything a projector remembers between steps lives in the parameter's optimizer state as
 tensors under ``proj.*`` keys, so ``state_dict()`` holds no Python objects (DESIGN principle 4).
 """
@@ -25,18 +28,29 @@ def orient(g: Tensor) -> Tensor:
     return g.mT if is_transposed(g.shape) else g
 
 
+class Reducer(Protocol):
+    """The ranks that share a weight's long side l (``gradlore.optim.distributed.Comm``)."""
+
+    def all_reduce_(self, t: Tensor) -> Tensor:
+        """Sum ``t`` over the ranks, in place; every rank gets the same result."""
+        ...
+
+
 class Context(NamedTuple):
     """What a projector may need to know about the weight it refreshes, besides its gradient."""
 
     name: str  # the parameter's name, for warnings
     transposed: bool  # the oriented gradient (s, l) is the stored gradient's transpose
     seed: int  # for seeded bases: a function of the group's seed, the parameter and the refresh step
+    comm: Reducer | None = None  # set when g holds only this rank's columns of the (s, l) gradient
 
 
 class Projector(Protocol):
     """Maps (s, l) gradients to (r, l) coordinates and back. State lives in ``state`` (tensors only)."""
 
     selects_indices: bool  # state is ``proj.indices`` into a fixed basis (moment rows can follow them)
+    refreshes_on_shards: bool  # refresh() works on a column shard of G, given ctx.comm (else: the whole G)
+    reads_gradient: bool  # refresh() depends on G (else every rank computes it alone: seeded or none)
 
     def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> Tensor | None:
         """Choose a new subspace for ``g`` (s, l); may return ``down(g)`` if it was a by-product."""
@@ -63,6 +77,8 @@ class ProjectorBase:
     """``up`` and ``basis`` for every projector, from its ``up_add_``; ``gram`` = PᵀP where it is not exactly I."""
 
     selects_indices = False
+    refreshes_on_shards = False  # the safe default: the optimizer gathers the whole gradient for refresh()
+    reads_gradient = True
 
     def gram(self, state: dict) -> Tensor | None:
         return None  # a selection of orthonormal basis columns: PᵀP = I exactly
@@ -93,6 +109,8 @@ class StoredBasis(ProjectorBase):
 
 class Identity(ProjectorBase):
     """The whole space: down and up are the identity. With it the optimizer is exactly AdamW."""
+
+    refreshes_on_shards, reads_gradient = True, False
 
     def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> None:
         return None

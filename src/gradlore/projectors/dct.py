@@ -11,6 +11,11 @@ or on CPU by scipy.fft.dct (pocketfft's real DCT, the fastest there); ``method="
 CPU and, on other devices, the matmul below ``FFT_MIN_SIZE`` rows and the FFT above, from
 measurements (BENCHMARKS.md). ``columns`` is the same selection
 with the identity basis (keep the r rows of G with the largest norm; FRUGAL's column subspace).
+
+On shards (FSDP2 with each weight split along its long side l, so a rank holds whole columns G_k of G):
+each score is a sum over columns, score_i = Σ_k Σ_{j∈k} |(Qᵀ G_k)_ij| (L1; squares for L2), so every rank
+scores its own columns and one all-reduce of the s scores (s·4 bytes) gives all ranks the same top-r
+indices, equal to the single-process ones up to the order of that sum. The gradient is never gathered.
 """
 
 from __future__ import annotations
@@ -91,6 +96,7 @@ class SelectProjector(ProjectorBase):
     """Keep the r basis directions best aligned with the gradient; store only their indices."""
 
     selects_indices = True
+    refreshes_on_shards = True
 
     def __init__(self, dct_norm: str = "l1") -> None:
         self.norm = dct_norm
@@ -105,8 +111,10 @@ class SelectProjector(ProjectorBase):
 
     def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> Tensor:
         coeffs = self.coefficients(g)  # (s, l)
-        scores = coeffs.abs().sum(1) if self.norm == "l1" else coeffs.square().sum(1)  # (s,)
-        idx = torch.topk(scores.float(), rank, sorted=False).indices.sort().values  # (r,) ascending
+        scores = (coeffs.abs().sum(1) if self.norm == "l1" else coeffs.square().sum(1)).float()  # (s,)
+        if ctx.comm is not None:  # g holds this rank's columns: add the other ranks' partial scores
+            ctx.comm.all_reduce_(scores)
+        idx = torch.topk(scores, rank, sorted=False).indices.sort().values  # (r,) ascending
         state["proj.indices"] = idx
         return coeffs.index_select(0, idx)  # (r, l): reuse the product for this step's projection
 

@@ -20,6 +20,8 @@ def random_basis(s: int, rank: int, seed: int, dtype: torch.dtype, device: torch
 
 
 class RandomProjector(StoredBasis):
+    refreshes_on_shards, reads_gradient = True, False  # the basis depends on the seed only: every rank draws it
+
     def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> None:
         state["proj.basis"] = random_basis(g.shape[0], rank, ctx.seed, g.dtype, g.device)
         return None

@@ -24,7 +24,7 @@ from gradlore.analysis.recorder import read_records
 from gradlore.errors import UserError
 from gradlore.models import SIZES
 from gradlore.optim.build import optimizer_names
-from gradlore.train.config import RunConfig, apply_override, load_run_config
+from gradlore.train.config import PARALLEL, RunConfig, apply_override, load_run_config
 from gradlore.train.presets import PRESETS, resolve
 from gradlore.train.rundir import CONFIG_FILE
 from gradlore.train.trainer import run
@@ -41,7 +41,8 @@ EPILOG = """examples:
 # flag -> config field; each command adds the flags it uses
 FLAGS = {"data": "data.path", "model": "model.size", "init": "model.init", "optimizer": "optim.name",
          "lr": "optim.lr", "rank": "optim.rank", "steps": "train.steps", "seed": "train.seed",
-         "batch_size": "train.batch_size", "block_size": "data.block_size", "every": "analysis.every"}
+         "batch_size": "train.batch_size", "block_size": "data.block_size", "every": "analysis.every",
+         "parallel": "train.parallel"}
 
 
 def _common(p: argparse.ArgumentParser, preset: str) -> None:
@@ -61,6 +62,9 @@ def _common(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set optim.rank=64 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--parallel", choices=PARALLEL,
+                   help="data-parallel (ddp) or fully sharded (fsdp2) training over the processes of "
+                        "`torchrun --nproc_per_node N -m gradlore.cli train ...`; --batch-size is the global batch")
     p.set_defaults(default_preset=preset)
 
 
@@ -150,6 +154,9 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     summary = run(cfg, out, resume=args.resume, overwrite=args.overwrite)
+    code = {"completed": 0, "interrupted": 130, "diverged": 1}[summary["status"]]
+    if summary.get("rank", 0):  # under torchrun, rank 0 reports
+        return code
     paths = summary["paths"]
     print(f"run:        {paths['run']}  ({summary['status']}, {summary['steps']} steps, "
           f"{summary['tokens']:,} tokens, {summary['tokens_per_s']:.0f} tokens/s)")
@@ -165,4 +172,4 @@ def main(args: argparse.Namespace) -> int:
         print(f"gradients:  {paths['gradient_stats']}  (plot {paths['gradient_plot']})")
     print(f"summary:    {Path(paths['run']) / 'summary.json'}")
     sys.stdout.flush()
-    return {"completed": 0, "interrupted": 130, "diverged": 1}[summary["status"]]
+    return code

@@ -32,6 +32,7 @@ from gradlore.models import check_size
 from gradlore.optim.build import OptimConfig
 
 TRAINABLE = ("all", "lrc", "lrc+norms")
+PARALLEL = ("none", "ddp", "fsdp2")  # train.parallel (gradlore.train.distributed)
 
 
 @dataclass
@@ -74,12 +75,17 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     threads: int = 0                 # torch.set_num_threads (0 = leave torch's default)
     progress: bool = True            # tqdm progress bar
+    parallel: str = "none"           # none | ddp | fsdp2 (under torchrun; gradlore.train.distributed)
+    owner_refresh: bool = True       # parallel: each projection refresh computed by one rank and broadcast
 
     def validate(self) -> None:
         require_positive(self, "train", "steps", "batch_size", "grad_accum", "eval_every", "log_every",
                          "ckpt_every", "max_bad_steps")
         if self.eval_batches < 0 or self.threads < 0:
             raise UserError("train.eval_batches and train.threads must be >= 0.")
+        if self.parallel not in PARALLEL:
+            raise UserError(f"train.parallel={self.parallel!r} is not one of {', '.join(PARALLEL)}."
+                            f"{did_you_mean(self.parallel, PARALLEL)}")
 
 
 @dataclass

@@ -13,6 +13,11 @@ resumed run replays the uninterrupted one bit for bit on CPU.
 
 A non-finite loss or gradient norm skips the update (counted and logged); ``max_bad_steps`` in a row stop
 the run without writing a checkpoint, so the last good one stays the newest.
+
+Under ``torchrun`` with ``train.parallel`` ddp or fsdp2 the same loop runs on every process; what differs
+(process group, model wrapping, each rank's share of the batch, reductions, rank 0 owning the run folder,
+checkpoints through torch.distributed.checkpoint) lives in :mod:`gradlore.train.distributed` behind
+``self.par``, which is the identity in a single process. Lines that use it are marked ``# parallel``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ from gradlore.train.checkpoint import (
     set_rng_state,
 )
 from gradlore.train.config import RunConfig, load_run_config, resume_changes
+from gradlore.train.dist_checkpoint import check_format, load_distributed, save_distributed
+from gradlore.train.distributed import Parallel, SilentLog, setup_parallel
 from gradlore.train.hooks import GradientRankHook, Hook
 from gradlore.train.rundir import (
     CONFIG_FILE,
@@ -132,28 +139,36 @@ class Trainer:
                  hooks: list[Hook] | tuple[Hook, ...] = ()) -> None:
         self.cfg, self.out = cfg.validate(), Path(out)
         self.hooks = [*hooks, *([GradientRankHook()] if cfg.analysis.every else [])]
+        self.par: Parallel = setup_parallel(cfg)  # parallel: torchrun's process group (identity otherwise)
         check_run_dir(self.out, resume, overwrite)
+        self.par.barrier()  # parallel: every rank has looked at the folder before rank 0 writes into it
         changes = self._check_resume() if resume else {}
         t = cfg.train
-        self.device = device_of(t.device)
+        self.device = self.par.device or device_of(t.device)  # parallel: cuda:LOCAL_RANK or cpu
         seed_everything(t.seed)
         data_cfg = cfg.data
         if cfg.model.init and data_cfg.tokenizer == "bpe":  # fine-tuning: the pretrained model's own tokenizer
             data_cfg = dataclasses.replace(data_cfg, tokenizer=str(cfg.model.init))
-        self.data = prepare_data(data_cfg, t.batch_size, t.seed)
+        with self.par.main_first():  # parallel: rank 0 fills the tokenizer and token caches first
+            self.data = prepare_data(data_cfg, t.batch_size, t.seed)
+        self.data.train = self.par.share(self.data.train)  # parallel: this rank's rows of every batch
         self.model = self._build_model()
         self._call("on_model")
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.model = self.par.wrap(self.model, cfg.optim)  # parallel: DDP, or FSDP2 with long-side shards
+        self.optimizer = build_optimizer(self.par.unwrap(self.model), cfg.optim)
+        self.par.attach(self.optimizer)  # parallel: the optimizer's process group
         self.scheduler = warmup_cosine(self.optimizer, cfg.warmup, t.steps, cfg.schedule.min_lr_ratio)
         self.step, self.counters = 0, {"tokens": 0, "skipped": 0, "bad_in_row": 0, "train_seconds": 0.0}
         if resume:
             self._restore(changes)
-        else:
+        elif self.par.main:
             reset_run_dir(self.out, overwrite)
-        (self.out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        (self.out / "data.json").write_text(json.dumps(self.data.info, indent=2) + "\n")
-        self.data.tokenizer.save(self.out / "tokenizer")
-        self.log = MetricsLog(self.out, purge_step=self.step + 1 if resume else None)
+        if self.par.main:  # parallel: rank 0 owns the run folder
+            (self.out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            (self.out / "data.json").write_text(json.dumps(self.data.info, indent=2) + "\n")
+            self.data.tokenizer.save(self.out / "tokenizer")
+        self.par.barrier()
+        self.log = MetricsLog(self.out, purge_step=self.step + 1 if resume else None) if self.par.main else SilentLog()
         if changes:
             self.log.write({"kind": "resume", "step": self.step, "changed": {k: list(v) for k, v in changes.items()}},
                            "resume")
@@ -189,9 +204,13 @@ class Trainer:
 
     def _restore(self, changes: dict[str, tuple[Any, Any]]) -> None:
         """Load the checkpoint, then apply what the resumed config changed (LR, schedule, weight decay)."""
-        payload = load_checkpoint(self.out)[0]
-        self.model.load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
+        check_format(self.out, self.par.distributed, self.par.mode)
+        if self.par.distributed:  # parallel: model and optimizer loaded in place, resharded if need be
+            payload = load_distributed(self)
+        else:
+            payload = load_checkpoint(self.out)[0]
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
         self.scheduler.load_state_dict(payload["scheduler"])
         self.data.train.load_state_dict(payload["data"])
         set_rng_state(payload["rng"])
@@ -206,6 +225,8 @@ class Trainer:
             if "optim.weight_decay" in changes and group["weight_decay"] == changes["optim.weight_decay"][0]:
                 group["weight_decay"] = cfg.optim.weight_decay
         sched._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if not self.par.main:
+            return
         truncate_log(self.out / METRICS_FILE, self.step)
         print(f"gradlore train: resumed {self.out} at step {self.step}"
               + (f"; changed: {', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changes.items())}" if changes else ""),
@@ -217,6 +238,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- the loop
     def checkpoint(self) -> Path:
+        if self.par.distributed:  # parallel: every rank writes its shards (torch.distributed.checkpoint)
+            return save_distributed(self)
         return save_checkpoint(self.out, {
             "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "data": self.data.train.state_dict(),
@@ -225,7 +248,8 @@ class Trainer:
 
     def run_eval(self) -> float:
         t = self.cfg.train
-        val = evaluate(self.model, self.data.val, t.batch_size, t.eval_batches, self.device, self.autocast)
+        model = self.par.unwrap(self.model)  # parallel: every rank evaluates the same blocks
+        val = evaluate(model, self.data.val, t.batch_size, t.eval_batches, self.device, self.autocast)
         self.log.write({"kind": "eval", "step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))},
                        "val")
         self.last_val, self.last_eval_step = val, self.step
@@ -246,23 +270,23 @@ class Trainer:
                 self.optimizer.accumulate = not final
             with self.autocast():
                 loss = forward_loss(self.model, batch) / t.grad_accum
-            if not torch.isfinite(loss):
+            if not self.par.all_finite(loss):  # parallel: all ranks skip together
                 finite = False
                 continue
             self._call("before_backward", self.step, final)
-            loss.backward()
+            with self.par.no_sync(self.model, final):  # parallel: reduce gradients on the last micro-batch
+                loss.backward()
             loss_sum += float(loss.detach())
         grad_norm = float("nan")
         if finite and not layerwise:
             self._call("before_update", self.step)
-            clip = self.cfg.optim.grad_clip
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf")))
+            grad_norm = self.par.clip_grad_norm(self.params, self.cfg.optim.grad_clip)  # parallel: global norm
             finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, grad_norm, finite
+        return self.par.mean(loss_sum), grad_norm, finite  # parallel: the loss of the global batch
 
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps`` (or a signal, or divergence); returns the summary written to summary.json."""
@@ -272,7 +296,8 @@ class Trainer:
         tokens_per_step = t.batch_size * t.grad_accum * self.cfg.data.block_size
         status = "completed"
         self._call("on_start")
-        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=t.steps, initial=self.step, disable=not t.progress or not self.par.main, unit="step",
+                   dynamic_ncols=True)
         with _Signals() as signals:
             try:
                 while self.step < t.steps:
@@ -311,7 +336,7 @@ class Trainer:
                     bar.update(1)
                     if self.step % t.eval_every == 0 or self.step == t.steps:
                         self.run_eval()
-                    if signals.received is not None:
+                    if self.par.any(signals.received is not None):  # parallel: all ranks stop together
                         status = "interrupted"
                         self.checkpoint()
                         break
@@ -321,8 +346,8 @@ class Trainer:
             finally:
                 bar.close()
                 self.log.close()
-        if status == "interrupted":
-            print(f"gradlore train: {signal.Signals(signals.received).name} at step {self.step}: checkpoint saved; "
+        if status == "interrupted" and self.par.main:
+            print(f"gradlore train: {signal.Signals(signals.received or signal.SIGTERM).name} at step {self.step}: checkpoint saved; "
                   f"continue with gradlore train --out {out} --resume", file=sys.stderr)
         return self._finish(status)
 
@@ -334,11 +359,14 @@ class Trainer:
                 from transformers.utils import logging as hf_logging
 
                 hf_logging.disable_progress_bar()
-            if is_factored(self.model):
+            if self.par.distributed:  # parallel: gathered (FSDP2) and written by rank 0
+                self.par.save_model(self.model, final_dir)
+            elif is_factored(self.model):
                 save_compressed(self.model, final_dir, overwrite=True)
             else:
                 self.model.save_pretrained(str(final_dir))
-            self.data.tokenizer.save(final_dir)
+            if self.par.main:
+                self.data.tokenizer.save(final_dir)
         last_val = self.last_val
         summary = {
             "status": status, "steps": self.step, "tokens": counters["tokens"],
@@ -351,13 +379,16 @@ class Trainer:
             "params": sum(p.numel() for p in self.model.parameters()),
             "trainable_params": sum(p.numel() for p in self.params), "optimizer": self.cfg.optim.name,
             "model": self.cfg.model.init or self.cfg.model.size, "device": str(self.device),
-            "paths": {"run": str(out), "plot": str(plot_losses(out)), "metrics": str(out / METRICS_FILE),
-                      "checkpoint": str(checkpoint_dir(out) / "checkpoint.pt"),
+            "rank": self.par.rank,
+            "paths": {"run": str(out), "plot": str(plot_losses(out)) if self.par.main else None,
+                      "metrics": str(out / METRICS_FILE),
+                      "checkpoint": str(checkpoint_dir(out) / ("dcp" if self.par.distributed else "checkpoint.pt")),
                       "model": str(final_dir) if final_dir.exists() else None,
                       "tensorboard": str(out / "tensorboard"), "config": str(out / CONFIG_FILE)},
         }
         self._call("on_end", summary)
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if self.par.main:
+            (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
 
@@ -365,9 +396,13 @@ def run(cfg: RunConfig, out: str | Path, resume: bool = False, overwrite: bool =
         hooks: list[Hook] | tuple[Hook, ...] = ()) -> dict[str, Any]:
     """Train as ``cfg`` says into the run directory ``out``; returns the final summary."""
     threads = torch.get_num_threads()
+    trainer = None
     try:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        return Trainer(cfg, out, resume=resume, overwrite=overwrite, hooks=hooks).fit()
+        trainer = Trainer(cfg, out, resume=resume, overwrite=overwrite, hooks=hooks)
+        return trainer.fit()
     finally:
         torch.set_num_threads(threads)  # in-process callers (tests, the benchmark) get their setting back
+        if trainer is not None:
+            trainer.par.close()  # parallel: the process group this run created
