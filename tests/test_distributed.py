@@ -37,6 +37,7 @@ from gradlore.bench.distributed import refresh_bytes  # noqa: E402
 from gradlore.cli import main as cli_main  # noqa: E402
 from gradlore.errors import UserError  # noqa: E402
 from gradlore.optim.distributed import Comm, attach, long_side_placement  # noqa: E402
+from gradlore.train import trainer  # noqa: E402
 from gradlore.train.dist_checkpoint import check_format  # noqa: E402
 from gradlore.train.distributed import setup_parallel  # noqa: E402
 from gradlore.train.presets import resolve  # noqa: E402
@@ -191,7 +192,7 @@ def tiny(*overrides: str):
 
 
 CASES = {  # name: (overrides of the single-process reference, mode)
-    "dct-ddp": ((), "ddp"),
+    "dct-ddp": (("train.grad_accum=2",), "ddp"),
     "dct-fsdp2": (("train.save_final_model=true",), "fsdp2"),
     "galore-fsdp2": (("optim.name=galore",), "fsdp2"),
     "adamw-fsdp2": (("optim.name=adamw",), "fsdp2"),
@@ -199,9 +200,23 @@ CASES = {  # name: (overrides of the single-process reference, mode)
 }
 
 
-def _train_runs(folder: str) -> None:
+def _train_runs(rank: int, folder: str) -> None:
     for name, (overrides, mode) in CASES.items():
         run(tiny(*overrides, f"train.parallel={mode}"), Path(folder) / name)
+    real, calls = trainer.forward_loss, {"n": 0}
+
+    def nan_once_on_rank_1(model, batch):  # the third training micro-batch of rank 1 only
+        loss = real(model, batch)
+        calls["n"] += model.training
+        return loss * float("nan") if model.training and calls["n"] == 3 and rank == 1 else loss
+
+    trainer.forward_loss = nan_once_on_rank_1
+    try:
+        for mode in ("ddp", "fsdp2"):
+            calls["n"] = 0
+            run(tiny(f"train.parallel={mode}"), Path(folder) / f"nan-{mode}")
+    finally:
+        trainer.forward_loss = real
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -219,6 +234,12 @@ def test_ddp_and_fsdp2_train_like_one_process(two_processes: Path, tmp_path: Pat
         summary = json.loads((runs / name / "summary.json").read_text())
         assert summary["final_val_loss"] == pytest.approx(reference["final_val_loss"], rel=RTOL)
         assert summary["paths"]["checkpoint"].endswith("dcp")
+    # a non-finite loss on one rank: every rank skips that step (no hang), then training goes on alike
+    nan_ddp, nan_fsdp2 = (json.loads((runs / f"nan-{m}" / "summary.json").read_text()) for m in ("ddp", "fsdp2"))
+    assert nan_ddp["status"] == nan_fsdp2["status"] == "completed"
+    assert nan_ddp["skipped_steps"] == nan_fsdp2["skipped_steps"] == 1
+    assert losses(runs / "nan-ddp") == pytest.approx(losses(runs / "nan-fsdp2"), rel=RTOL)
+    assert len(losses(runs / "nan-ddp")) == 7
     # rank 0 owns the folder: one metrics log, no per-rank leftovers; the final model loads as a plain model
     assert sorted(p.name for p in (runs / "dct-fsdp2").iterdir()) == sorted(
         ["checkpoints", "config.json", "data.json", "final", "loss.png", "metrics.jsonl", "summary.json",
@@ -234,19 +255,24 @@ def test_ddp_and_fsdp2_train_like_one_process(two_processes: Path, tmp_path: Pat
 CONSTANT = ("schedule.min_lr_ratio=1.0", "schedule.warmup_steps=0")  # then the step count leaves the LR alone
 
 
+RESUMED = {"fsdp2": ("train.parallel=fsdp2",), "ddp": ("train.parallel=ddp",),  # DCT
+           "adamw": ("train.parallel=fsdp2", "optim.name=adamw")}  # torch's AdamW: DTensor moments
+
+
 def _resume_runs(rank: int, folder: str) -> None:
-    for mode in ("fsdp2", "ddp"):
-        run(tiny(*CONSTANT, f"train.parallel={mode}"), Path(folder) / f"{mode}-full")
-        run(tiny(*CONSTANT, f"train.parallel={mode}", "train.steps=5"), Path(folder) / f"{mode}-part")
-        if rank == 0 and mode == "fsdp2":
-            shutil.copytree(Path(folder) / "fsdp2-part", Path(folder) / "fsdp2-reshard")
+    for name, overrides in RESUMED.items():
+        run(tiny(*CONSTANT, *overrides), Path(folder) / f"{name}-full")
+        run(tiny(*CONSTANT, *overrides, "train.steps=5"), Path(folder) / f"{name}-part")
+        if rank == 0 and name != "adamw":
+            shutil.copytree(Path(folder) / f"{name}-part", Path(folder) / f"{name}-reshard")
         dist.barrier()
-        run(tiny(*CONSTANT, f"train.parallel={mode}"), Path(folder) / f"{mode}-part", resume=True)
+        run(tiny(*CONSTANT, *overrides), Path(folder) / f"{name}-part", resume=True)
+    run(tiny(*CONSTANT, "train.parallel=fsdp2"), Path(folder) / "ddp-reshard", resume=True)  # DDP -> FSDP2
 
 
 def _worker(rank: int, world: int, folder: str) -> None:
     _optimizer_checks(rank, world, f"{folder}/optim.json")
-    _train_runs(folder)
+    _train_runs(rank, folder)
     _resume_runs(rank, folder)
 
 
@@ -261,8 +287,8 @@ def two_processes(tmp_path_factory) -> Path:
 
 def test_resume_is_exact_and_reshards(two_processes: Path, monkeypatch) -> None:
     runs = two_processes
-    for mode in ("fsdp2", "ddp"):
-        assert losses(runs / f"{mode}-part") == losses(runs / f"{mode}-full"), mode  # bit for bit
+    for name in RESUMED:
+        assert losses(runs / f"{name}-part") == losses(runs / f"{name}-full"), name  # bit for bit
     # the DCP checkpoint: a projected weight's moments split along l, its DCT indices stored once
     from torch.distributed.checkpoint import FileSystemReader
 
@@ -277,8 +303,10 @@ def test_resume_is_exact_and_reshards(two_processes: Path, monkeypatch) -> None:
         monkeypatch.setenv(key, value)
     run(tiny(*CONSTANT, "train.parallel=fsdp2"), runs / "fsdp2-reshard", resume=True)
     assert not dist.is_initialized()
-    assert losses(runs / "fsdp2-reshard")[:5] == losses(runs / "fsdp2-full")[:5]
-    assert losses(runs / "fsdp2-reshard") == pytest.approx(losses(runs / "fsdp2-full"), rel=RTOL)
+    for name in ("fsdp2-reshard", "ddp-reshard"):  # the second: a DDP checkpoint resumed by FSDP2
+        mode = name.split("-")[0]
+        assert losses(runs / name)[:5] == losses(runs / f"{mode}-full")[:5], name
+        assert losses(runs / name) == pytest.approx(losses(runs / f"{mode}-full"), rel=RTOL), name
 
 
 # ------------------------------------------------------------------------------------------ bad launches

@@ -14,10 +14,8 @@ resumed run replays the uninterrupted one bit for bit on CPU.
 A non-finite loss or gradient norm skips the update (counted and logged); ``max_bad_steps`` in a row stop
 the run without writing a checkpoint, so the last good one stays the newest.
 
-Under ``torchrun`` with ``train.parallel`` ddp or fsdp2 the same loop runs on every process; what differs
-(process group, model wrapping, each rank's share of the batch, reductions, rank 0 owning the run folder,
-checkpoints through torch.distributed.checkpoint) lives in :mod:`gradlore.train.distributed` behind
-``self.par``, which is the identity in a single process. Lines that use it are marked ``# parallel``.
+Under torchrun (``train.parallel`` ddp | fsdp2) every process runs this loop; what differs lives in
+:mod:`gradlore.train.distributed` behind ``self.par`` (the identity in one process): lines marked ``# parallel``.
 """
 
 from __future__ import annotations
@@ -139,8 +137,8 @@ class Trainer:
                  hooks: list[Hook] | tuple[Hook, ...] = ()) -> None:
         self.cfg, self.out = cfg.validate(), Path(out)
         self.hooks = [*hooks, *([GradientRankHook()] if cfg.analysis.every else [])]
-        self.par: Parallel = setup_parallel(cfg)  # parallel: torchrun's process group (identity otherwise)
         check_run_dir(self.out, resume, overwrite)
+        self.par: Parallel = setup_parallel(cfg)  # parallel: torchrun's process group (identity otherwise)
         self.par.barrier()  # parallel: every rank has looked at the folder before rank 0 writes into it
         changes = self._check_resume() if resume else {}
         t = cfg.train
@@ -312,8 +310,9 @@ class Trainer:
                         counters["bad_in_row"] += 1
                         self.log.write({"kind": "skip", "step": self.step, "reason": "non-finite loss or gradient",
                                         "skipped_total": counters["skipped"]}, "train")
-                        print(f"gradlore train: warning: step {self.step}: non-finite loss/gradient, update skipped "
-                              f"({counters['bad_in_row']} in a row)", file=sys.stderr)
+                        if self.par.main:
+                            print(f"gradlore train: warning: step {self.step}: non-finite loss/gradient, update "
+                                  f"skipped ({counters['bad_in_row']} in a row)", file=sys.stderr)
                     self.scheduler.step()
                     counters["tokens"] += tokens_per_step
                     elapsed = time.perf_counter() - tick
@@ -347,7 +346,8 @@ class Trainer:
                 bar.close()
                 self.log.close()
         if status == "interrupted" and self.par.main:
-            print(f"gradlore train: {signal.Signals(signals.received or signal.SIGTERM).name} at step {self.step}: checkpoint saved; "
+            name = signal.Signals(signals.received or signal.SIGTERM).name  # parallel: another rank's signal
+            print(f"gradlore train: {name} at step {self.step}: checkpoint saved; "
                   f"continue with gradlore train --out {out} --resume", file=sys.stderr)
         return self._finish(status)
 
