@@ -7,14 +7,15 @@
      DCT on shards     each rank scores its columns, all-reduce of s float32 scores (``Context.comm``)
      SVD, all-gather   the gradient gathered to every rank on refresh steps, each computes P
      SVD, owner        the gradient gathered to one owner rank, which broadcasts P (s·r)
+   (under DDP a DCT refresh moves nothing, an SVD refresh with owners broadcasts P)
      randomized range finder (documented, not implemented): with G split along l, Y = Σ_k G_k Ω_k and each of
        q power iterations need an (s, k) all-reduce, k = r + 10, plus B Bᵀ (k, k): (q+1)·s·k + k² floats.
    Weights FSDP2 cannot split along l (dim 1 not divisible by N: LLaMA-1B's down_proj, 2048×5461) train in
    the ``rows`` layout and gather their gradient every step, whatever the projector: shown apart.
 2. Optimizer step time on a refresh step and on a steady step, ``llama_60m`` shapes (seeded gradients, no
    forward/backward), with 1 process (1 and 2 threads) and 2 processes of 1 thread: DDP (every rank
-   refreshes every weight, or one owner per weight and a broadcast) and FSDP2 (DCT on shards; SVD gathered
-   to all or to an owner). A step's time is the slowest rank's.
+   refreshes every weight, or, for SVD, one owner per weight and a broadcast) and FSDP2 (DCT on shards; SVD
+   gathered to all or to an owner). A step's time is the slowest rank's; its time in collectives is rank 0's.
 3. ``--train``: the ``tiny`` preset (refreshes at steps 0, 10, 20) trained by 1 process, DDP and FSDP2 on
    2 processes: per-step losses against the single process, and the median step time.
 
@@ -57,16 +58,16 @@ def refresh_bytes(shape: tuple[int, int], rank: int, projector: str, world: int,
 
     if layout == "rows":
         add("step.all_gather", "all_gather", m * n * itemsize)
-    if projector in ("random", "identity"):
-        return out
-    if layout == "cols" and projector in ("dct", "columns"):
-        add("refresh.all_reduce", "all_reduce", s * 4)  # float32 scores
-    elif owner:
+    if projector in ("dct", "columns"):  # scored where the columns are: all-reduce of float32 scores
         if layout == "cols":
-            add("refresh.gather", "gather", s * l * itemsize)
-        add("refresh.broadcast", "broadcast", rank * 8 if projector in ("dct", "columns") else s * rank * itemsize)
-    elif layout == "cols":
-        add("refresh.all_gather", "all_gather", s * l * itemsize)
+            add("refresh.all_reduce", "all_reduce", s * 4)
+    elif projector == "svd":  # needs the whole gradient
+        if owner:
+            if layout == "cols":
+                add("refresh.gather", "gather", s * l * itemsize)
+            add("refresh.broadcast", "broadcast", s * rank * itemsize)
+        elif layout == "cols":
+            add("refresh.all_gather", "all_gather", s * l * itemsize)
     return out
 
 
@@ -164,22 +165,27 @@ def _time_worker(rank: int, world: int, mode: str, projector: str, owner: bool, 
              "projector": projector, "update_proj_gap": 2}
     opt = gradlore.LowRankAdamW([group], lr=1e-3)
     attach(opt, comm)
-    times: dict[str, list[float]] = {"refresh": [], "steady": []}
+    times: dict[str, list[float]] = {"refresh": [], "steady": [], "comm": []}
     for step in range(2 * repeats + 2):
         for k, p in params.items():
             p.grad = grads[k]
         dist.barrier()
+        in_comm = sum(comm.seconds.values()) if comm else 0.0
         t0 = time.perf_counter()
         opt.step()
-        elapsed = torch.tensor([time.perf_counter() - t0])
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step ends when the slowest rank is done
+        # the step ends when the slowest rank is done; its time in collectives: rank 0's
+        elapsed = torch.tensor([time.perf_counter() - t0, (sum(comm.seconds.values()) if comm else 0.0) - in_comm])
+        dist.all_reduce(elapsed[:1], op=dist.ReduceOp.MAX)
         if step >= 1:
-            times["refresh" if step % 2 == 0 else "steady"].append(float(elapsed))
+            times["refresh" if step % 2 == 0 else "steady"].append(float(elapsed[0]))
+            if step % 2 == 0:
+                times["comm"].append(float(elapsed[1]))
     if rank == 0:
         refreshes = repeats + 1
         measured = {k: v // refreshes for k, v in (comm.bytes if comm else {}).items() if k.startswith("refresh")}
         Path(out).write_text(json.dumps({"refresh_s": statistics.median(times["refresh"]),
-                                         "steady_s": statistics.median(times["steady"]), "bytes": measured}))
+                                         "steady_s": statistics.median(times["steady"]),
+                                         "comm_s": statistics.median(times["comm"]), "bytes": measured}))
 
 
 def _train_worker(rank: int, world: int, mode: str, folder: str) -> None:
@@ -239,16 +245,18 @@ def run(args: argparse.Namespace) -> int:
                               f"itself moves {_fmt_bytes(info['fsdp_step_bytes'])} per step for these weights.")
     if "time" in parts:
         settings = [("1 process, 1 thread", "single", 1, 1, True), ("1 process, 2 threads", "single", 1, 2, True),
-                    ("DDP, every rank refreshes", "ddp", args.world, 1, False), ("DDP, owner refresh", "ddp", args.world, 1, True),
-                    ("FSDP2, gather to all", "fsdp2", args.world, 1, False), ("FSDP2, owner refresh", "fsdp2", args.world, 1, True)]
+                    ("DDP, every rank refreshes", "ddp", args.world, 1, False),
+                    ("DDP, owner refresh", "ddp", args.world, 1, True),
+                    ("FSDP2, gather to all", "fsdp2", args.world, 1, False),
+                    ("FSDP2, owner refresh", "fsdp2", args.world, 1, True)]
         report.append(f"\nOptimizer step on llama_60m shapes (56 weights, rank 128), median of {args.repeats}; "
                       f"{args.world}-process settings use 1 thread each\n")
-        report.append("| projector | setting | refresh step (s) | steady step (s) | refresh bytes (measured) |\n"
-                      "|---|---|---:|---:|---:|")
+        report.append("| projector | setting | refresh step (s) | of which in collectives (s) | steady step (s) | "
+                      "refresh bytes (measured) |\n|---|---|---:|---:|---:|---:|")
         for projector in [p.strip() for p in args.projectors.split(",")]:
             for label, mode, world, threads, owner in settings:
-                if projector == "dct" and mode == "fsdp2" and not owner:
-                    continue  # DCT on shards has no owner: one setting
+                if projector == "dct" and mode != "single" and owner:
+                    continue  # no owner for DCT: on shards (FSDP2) or computed by every rank (DDP)
                 key = f"time/{projector}/{label}/{args.repeats}"
 
                 def compute(mode=mode, world=world, threads=threads, owner=owner, projector=projector) -> dict:
@@ -258,9 +266,9 @@ def run(args: argparse.Namespace) -> int:
                         return json.loads(Path(f"{tmp}/r.json").read_text())
 
                 r = _cached(results, key, path, args.reuse, compute)
-                shown = "DCT on shards" if projector == "dct" and mode == "fsdp2" else label
-                report.append(f"| {projector} | {shown} | {r['refresh_s']:.3f} | {r['steady_s']:.3f} | "
-                              f"{_fmt_bytes(sum(r['bytes'].values()))} |")
+                shown = "FSDP2, DCT on shards" if projector == "dct" and mode == "fsdp2" else label
+                report.append(f"| {projector} | {shown} | {r['refresh_s']:.3f} | {r.get('comm_s', 0):.3f} | "
+                              f"{r['steady_s']:.3f} | {_fmt_bytes(sum(r['bytes'].values()))} |")
     if "train" in parts:
         from gradlore.train.rundir import read_losses
 

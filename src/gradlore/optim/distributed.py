@@ -18,11 +18,13 @@ A projected weight is held in one of three layouts:
   LLaMA-1B has l = 5461), so such a weight keeps FSDP2's ``Shard(0)`` (its short side): its gradient is
   gathered every step, every rank computes the same update and keeps its rows; moments (r, l) replicated.
 
-Owner-rank refresh (``Comm.owner_refresh``): where the whole gradient is at hand (DDP, the ``rows`` layout,
-SVD on gathered shards) each weight's refresh is computed by one rank (owners balanced by the cost s²·l,
-longest first) and its ``proj.*`` tensors are broadcast, so a refresh step costs about 1/N of the
-single-process time. Every collective is issued in the same order on every rank; ``Comm.bytes`` counts the
-bytes each one puts on the wire (all ranks together, bandwidth-optimal algorithms: ``wire_bytes``).
+Owner-rank refresh (``Comm.owner_refresh``) for projectors that need the whole gradient (SVD): each weight's
+refresh is computed by one rank (owners balanced by the cost s²·l, longest first) and its ``proj.*`` tensors
+are broadcast, so a refresh step costs about 1/N of the single-process time. A DCT/columns refresh on a
+whole gradient (DDP, ``rows``) is computed by every rank: scoring costs about one projection, which every
+rank needs anyway, so an owner could only add a broadcast (measured: ``gradlore bench distributed``).
+Every collective is issued in the same order on every rank; ``Comm.bytes`` counts the bytes each puts on
+the wire (all ranks together, bandwidth-optimal algorithms: ``wire_bytes``), ``Comm.seconds`` its time.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import collections
 import heapq
 import pickle
+import time
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -69,6 +72,7 @@ class Comm:
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         self.owner_refresh = owner_refresh
         self.bytes: collections.Counter[str] = collections.Counter()
+        self.seconds: collections.Counter[str] = collections.Counter()
         self.purpose = "refresh"  # what the next collectives are for (a label of ``bytes``)
 
     def _count(self, kind: str, t: Tensor | int) -> None:
@@ -78,7 +82,9 @@ class Comm:
     def all_reduce_(self, t: Tensor) -> Tensor:
         """Sum ``t`` over the ranks in place (the ``Reducer`` a projector sees)."""
         self._count("all_reduce", t)
+        tick = time.perf_counter()
         dist.all_reduce(t, group=self.group)
+        self.seconds[self.purpose] += time.perf_counter() - tick
         return t
 
     def gather_cols(self, g: Tensor, l: int, dst: int | None = None) -> Tensor | None:
@@ -89,19 +95,21 @@ class Comm:
         buf[:, : g.shape[1]] = g
         kind = "all_gather" if dst is None else "gather"
         self._count(kind, g.shape[0] * l * g.element_size())
+        tick = time.perf_counter()
         if dst is None:
             parts = [torch.empty_like(buf) for _ in range(self.world)]
             dist.all_gather(parts, buf, group=self.group)
         else:
             parts = [torch.empty_like(buf) for _ in range(self.world)] if self.rank == dst else None
             dist.gather(buf, parts, group=self.group, group_dst=dst)
-            if parts is None:
-                return None
-        return torch.cat(parts, dim=1)[:, :l]  # (s, l)
+        self.seconds[self.purpose] += time.perf_counter() - tick
+        return None if parts is None else torch.cat(parts, dim=1)[:, :l]  # (s, l)
 
     def broadcast_(self, t: Tensor, src: int) -> Tensor:
         self._count("broadcast", t)
+        tick = time.perf_counter()
         dist.broadcast(t, group=self.group, group_src=src)
+        self.seconds[self.purpose] += time.perf_counter() - tick
         return t
 
 
@@ -230,7 +238,9 @@ def _broadcast_proj(comm: Comm, keys: list[int], owners: list[int], states: list
     mine = {k: [(key, tuple(v.shape), str(v.dtype)) for key, v in sorted(states[k].items()) if key.startswith("proj.")]
             for k, owner in zip(keys, owners) if owner == comm.rank}
     metas: list[dict] = [None] * comm.world  # type: ignore[list-item]
+    tick = time.perf_counter()
     dist.all_gather_object(metas, mine, group=comm.group)  # shapes and dtypes (a few bytes a weight)
+    comm.seconds["refresh"] += time.perf_counter() - tick
     comm.bytes["refresh.meta"] += comm.world * (comm.world - 1) * max(len(pickle.dumps(m)) for m in metas)
     for k, owner in zip(keys, owners):
         for key, shape, dtype in metas[owner][k]:
@@ -251,8 +261,9 @@ def refresh_sharded(opt: Any, parts: Any, group: dict, names: list[str], frames:
     projector = parts.projector
     for k in due:
         f = frames[k]
-        if not projector.reads_gradient or (f.layout == "cols" and projector.refreshes_on_shards):
-            # seeded bases: no communication; DCT/columns scores on shards: one s-sized all-reduce
+        if not projector.reads_gradient or projector.refreshes_on_shards:
+            # seeded bases: no communication; DCT/columns: scores on shards and one s-sized all-reduce (cols),
+            # or every rank scores the whole gradient it holds (as cheap as the projection it needs anyway)
             out[k] = opt._refresh(parts, group, names[k], f.g, f.transposed, states[k],
                                   comm if f.layout == "cols" else None)
         elif comm.owner_refresh:
