@@ -120,6 +120,13 @@ def attach(optimizer: torch.optim.Optimizer, comm: Comm | None) -> None:
             opt.comm = comm
 
 
+def chunk(n: int, world: int, rank: int) -> slice:
+    """Rank ``rank``'s part of a dim of size n split over ``world`` ranks, as DTensor and FSDP2 split it
+    (torch.chunk: pieces of ⌈n/N⌉, the last ones shorter or empty)."""
+    size = -(-n // world)
+    return slice(min(n, rank * size), min(n, (rank + 1) * size))
+
+
 def local(t: Tensor) -> Tensor:
     """This rank's piece of a DTensor (a view: writing it writes the parameter), or t itself."""
     return t.to_local() if isinstance(t, DTensor) else t
@@ -171,11 +178,8 @@ def frame(p: Tensor, comm: Comm | None) -> Frame:
     full = p.grad.full_tensor()  # (m, n): the fallback gathers the gradient every step
     if comm is not None:
         comm.bytes["step.all_gather"] += wire_bytes("all_gather", full.numel() * full.element_size(), comm.world)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    dim = shard_dim(p)
-    return Frame(w, orient(full), kind, transposed, l, slice(offset[dim], offset[dim] + shape[dim]))
+    mesh = p.device_mesh
+    return Frame(w, orient(full), kind, transposed, l, chunk(p.shape[shard_dim(p)], mesh.size(), mesh.get_local_rank()))
 
 
 def long_side_placement(projected: Iterable[tuple[str, Tensor]], world: int) -> Callable[[nn.Parameter], Shard | None]:

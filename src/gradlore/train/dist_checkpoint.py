@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
 from gradlore.errors import UserError
-from gradlore.optim.distributed import local, moment_dim, shard_dim
+from gradlore.optim.distributed import chunk, local, moment_dim, shard_dim
 from gradlore.optim.layerwise import LayerwiseOptimizer
 from gradlore.optim.lowrank_adamw import LowRankAdamW
 from gradlore.train.checkpoint import FORMAT, NEWEST, _fsync_dir, checkpoint_dir, rng_state
@@ -157,9 +157,8 @@ def _placeholder(p: Tensor, group: dict, key: str, md: Any) -> Tensor:
     dim = moment_dim(group, p, key)
     if dim is None:
         return torch.empty(shape, dtype=dtype)
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    local_shape, _ = compute_local_shape_and_global_offset(shape, p.device_mesh, [Shard(dim)])
+    part = chunk(shape[dim], p.device_mesh.size(), p.device_mesh.get_local_rank())
+    local_shape = (*shape[:dim], part.stop - part.start, *shape[dim + 1:])
     return _sharded(torch.empty(local_shape, dtype=dtype, device=local(p).device), p, dim, shape)
 
 
