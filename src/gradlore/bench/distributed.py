@@ -192,7 +192,9 @@ def _train_worker(rank: int, world: int, mode: str, folder: str) -> None:
     from gradlore.train.presets import resolve
     from gradlore.train.trainer import run
 
-    cfg = resolve("tiny", [f"train.parallel={mode}", "train.save_final_model=false", "train.eval_every=100"])
+    threads = 2 if mode == "none" else 1  # the whole machine (2 cores) either way
+    cfg = resolve("tiny", [f"train.parallel={mode}", "train.save_final_model=false", "train.eval_every=100",
+                           f"train.threads={threads}"])
     run(cfg, Path(folder) / mode, overwrite=True)
 
 

@@ -87,6 +87,18 @@ class Comm:
         self.seconds[self.purpose] += time.perf_counter() - tick
         return t
 
+    def all_reduce_async(self, t: Tensor) -> Callable[[], None]:
+        """Start summing ``t`` over the ranks in place; returns the wait."""
+        self._count("all_reduce", t)
+        work = dist.all_reduce(t, group=self.group, async_op=True)
+
+        def wait() -> None:
+            tick = time.perf_counter()
+            work.wait()
+            self.seconds[self.purpose] += time.perf_counter() - tick
+
+        return wait
+
     def gather_cols(self, g: Tensor, l: int, dst: int | None = None) -> Tensor | None:
         """The whole (s, l) from every rank's columns g (s, l_k) (l split as torch.chunk does), on every
         rank (``dst`` None: all-gather) or on rank ``dst`` only (the others get None)."""
@@ -255,6 +267,32 @@ def _broadcast_proj(comm: Comm, keys: list[int], owners: list[int], states: list
                 states[k][key] = comm.broadcast_(t, owner)
 
 
+IN_FLIGHT = 2  # score all-reduces in flight: each keeps one (s, l_k) coefficient matrix alive
+
+
+def _select_on_shards(opt: Any, parts: Any, group: dict, frames: list[Frame], states: list[dict], due: list[int],
+                      comm: Comm) -> dict[int, Tensor]:
+    """Score each weight on this rank's columns and select once the scores are summed over the ranks; the
+    all-reduce of one weight's s scores runs while the next weights are scored (at most IN_FLIGHT)."""
+    out: dict[int, Tensor] = {}
+    pending: list[tuple] = []
+
+    def finish(k: int, before: dict, coeffs: Tensor, scores: Tensor, wait: Callable[[], None]) -> None:
+        wait()
+        out[k] = parts.projector.select(coeffs, scores, group["rank"], states[k])  # (r, l_k)
+        opt._settle(parts, group, frames[k].g, states[k], before)
+
+    for k in due:
+        before = opt._old_subspace(states[k])
+        coeffs, scores = parts.projector.score(frames[k].g)  # (s, l_k), (s,)
+        pending.append((k, before, coeffs, scores, comm.all_reduce_async(scores)))
+        if len(pending) > IN_FLIGHT:
+            finish(*pending.pop(0))
+    for item in pending:
+        finish(*item)
+    return out
+
+
 def refresh_sharded(opt: Any, parts: Any, group: dict, names: list[str], frames: list[Frame], states: list[dict],
                     due: list[int], comm: Comm) -> dict[int, Tensor | None]:
     """Refresh the weights ``due`` (positions in ``frames``) so that every rank ends with the same subspace;
@@ -263,6 +301,10 @@ def refresh_sharded(opt: Any, parts: Any, group: dict, names: list[str], frames:
     owned: list[int] = []
     comm.purpose = "refresh"
     projector = parts.projector
+    if hasattr(projector, "score"):  # DCT / columns on shards: the score all-reduces overlap the scoring
+        shards = [k for k in due if frames[k].layout == "cols"]
+        out.update(_select_on_shards(opt, parts, group, frames, states, shards, comm))
+        due = [k for k in due if frames[k].layout != "cols"]
     for k in due:
         f = frames[k]
         if not projector.reads_gradient or projector.refreshes_on_shards:

@@ -109,14 +109,22 @@ class SelectProjector(ProjectorBase):
         """Q[:, idx] (s, r), or None for the identity basis (rows are selected directly)."""
         raise NotImplementedError
 
-    def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> Tensor:
+    def score(self, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Qᵀ G (s, l) and each basis direction's score (s,), float32: sums over the columns of g."""
         coeffs = self.coefficients(g)  # (s, l)
-        scores = (coeffs.abs().sum(1) if self.norm == "l1" else coeffs.square().sum(1)).float()  # (s,)
-        if ctx.comm is not None:  # g holds this rank's columns: add the other ranks' partial scores
-            ctx.comm.all_reduce_(scores)
+        return coeffs, (coeffs.abs().sum(1) if self.norm == "l1" else coeffs.square().sum(1)).float()
+
+    def select(self, coeffs: Tensor, scores: Tensor, rank: int, state: dict) -> Tensor:
+        """Keep the top-r directions; returns their rows of Qᵀ G (r, l), this step's projection."""
         idx = torch.topk(scores, rank, sorted=False).indices.sort().values  # (r,) ascending
         state["proj.indices"] = idx
         return coeffs.index_select(0, idx)  # (r, l): reuse the product for this step's projection
+
+    def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> Tensor:
+        coeffs, scores = self.score(g)
+        if ctx.comm is not None:  # g holds this rank's columns: add the other ranks' partial scores
+            ctx.comm.all_reduce_(scores)
+        return self.select(coeffs, scores, rank, state)
 
     def down(self, g: Tensor, state: dict) -> Tensor:
         q = self.columns(state["proj.indices"], g.shape[0], g.dtype, g.device)
