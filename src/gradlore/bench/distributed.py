@@ -38,7 +38,11 @@ from typing import Any
 import torch
 
 from gradlore.models import SIZES
-from gradlore.optim.distributed import wire_bytes
+from gradlore.optim.distributed import Comm, attach, long_side_placement, wire_bytes
+from gradlore.optim.lowrank_adamw import LowRankAdamW
+from gradlore.train import trainer
+from gradlore.train.presets import resolve
+from gradlore.train.rundir import read_losses
 
 SIZES_RANK = {"llama_60m": 128, "llama_1b": 512}  # GaLore's ranks for these sizes
 
@@ -98,9 +102,11 @@ def bytes_table(size: str, world: int) -> tuple[list[dict], dict]:
             step += sum(v for k, v in b.items() if k.startswith("step"))
         totals[label] = refresh
         rows.append({"method": label, "refresh_bytes": refresh, "step_bytes": step})
-    rrf = sum(rrf_bytes(min(sh), rank, world) for _, sh in shapes)
-    rows.append({"method": "randomized range finder (not implemented)", "refresh_bytes": rrf, "step_bytes": 0})
     rows_layout = [name for name, (m, n) in shapes if m < n and n % world]
+    # the randomized range finder would replace the gather of the weights split along l (the rows fallback gathers
+    # its gradient every step anyway)
+    rrf = sum(rrf_bytes(min(sh), rank, world) for name, sh in shapes if name not in rows_layout)
+    rows.append({"method": "randomized range finder (not implemented)", "refresh_bytes": rrf, "step_bytes": step})
     c = SIZES[size]
     params = c.layers * (4 * c.hidden**2 + 3 * c.hidden * c.intermediate)
     info = {"size": size, "rank": rank, "world": world, "weights": len(shapes), "rows_fallback": len(rows_layout),
@@ -142,9 +148,6 @@ def _time_worker(rank: int, world: int, mode: str, projector: str, owner: bool, 
     import torch.distributed as dist
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    import gradlore
-    from gradlore.optim.distributed import Comm, attach, long_side_placement
-
     gen = torch.Generator().manual_seed(0)
     shapes = model_shapes("llama_60m")
     weights = {name: torch.randn(shape, generator=gen) * 0.02 for name, shape in shapes}
@@ -163,7 +166,7 @@ def _time_worker(rank: int, world: int, mode: str, projector: str, owner: bool, 
         comm = Comm(None, owner) if world > 1 else None
     group = {"params": list(params.values()), "param_names": list(params), "rank": SIZES_RANK["llama_60m"],
              "projector": projector, "update_proj_gap": 2}
-    opt = gradlore.LowRankAdamW([group], lr=1e-3)
+    opt = LowRankAdamW([group], lr=1e-3)
     attach(opt, comm)
     times: dict[str, list[float]] = {"refresh": [], "steady": [], "comm": []}
     for step in range(2 * repeats + 2):
@@ -189,13 +192,10 @@ def _time_worker(rank: int, world: int, mode: str, projector: str, owner: bool, 
 
 
 def _train_worker(rank: int, world: int, mode: str, folder: str) -> None:
-    from gradlore.train.presets import resolve
-    from gradlore.train.trainer import run
-
     threads = 2 if mode == "none" else 1  # the whole machine (2 cores) either way
     cfg = resolve("tiny", [f"train.parallel={mode}", "train.save_final_model=false", "train.eval_every=100",
                            f"train.threads={threads}"])
-    run(cfg, Path(folder) / mode, overwrite=True)
+    trainer.run(cfg, Path(folder) / mode, overwrite=True)
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -272,8 +272,6 @@ def run(args: argparse.Namespace) -> int:
                 report.append(f"| {projector} | {shown} | {r['refresh_s']:.3f} | {r.get('comm_s', 0):.3f} | "
                               f"{r['steady_s']:.3f} | {_fmt_bytes(sum(r['bytes'].values()))} |")
     if "train" in parts:
-        from gradlore.train.rundir import read_losses
-
         def compute_train() -> dict:
             folder = out / "train"
             res = {}
