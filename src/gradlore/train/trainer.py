@@ -47,6 +47,7 @@ from gradlore.train.checkpoint import (
 )
 from gradlore.train.config import RunConfig, load_run_config, resume_changes
 from gradlore.train.hooks import GradientRankHook, Hook
+from gradlore.train.lora import LoraHook
 from gradlore.train.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -131,7 +132,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                  hooks: list[Hook] | tuple[Hook, ...] = ()) -> None:
         self.cfg, self.out = cfg.validate(), Path(out)
-        self.hooks = [*hooks, *([GradientRankHook()] if cfg.analysis.every else [])]
+        self.hooks = [*([LoraHook()] if cfg.optim.name == "lora" else []), *hooks,  # lora: adapters on the model
+                      *([GradientRankHook()] if cfg.analysis.every else [])]
         check_run_dir(self.out, resume, overwrite)
         changes = self._check_resume() if resume else {}
         t = cfg.train
