@@ -181,30 +181,39 @@ def test_supported_transformers_range_is_pinned_and_installed():
     assert is_optimizer_factory(gradlore.hf.OptimizerFactory)  # the Trainer calls it with the model
 
 
-DDP_WORKER = """
-import sys, torch, gradlore.hf
+DIST_WORKER = """
+import sys, warnings, torch, gradlore.hf
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from gradlore.errors import UserError
+warnings.simplefilter("ignore")
 rank, store = int(sys.argv[1]), sys.argv[2]
 torch.distributed.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
-model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 64))
-try:
-    gradlore.hf.create_optimizer(model, lr=1e-3, method="dct", rank=8, layerwise=True)
-    print("accepted")
-except UserError as exc:
-    print("refused:", exc)
+def attempt(model, **kw):
+    try:
+        gradlore.hf.create_optimizer(model, lr=1e-3, method="dct", rank=8, **kw)
+        return "accepted"
+    except UserError as exc:
+        return "refused: " + str(exc)
+mlp = lambda: torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.Linear(48, 64))
+print(attempt(mlp(), layerwise=True))
+for orig in (False, True):  # FSDP1: one flat 1-D parameter, or 1-D shards of the original ones
+    print(attempt(FSDP(mlp(), device_id=torch.device("cpu"), use_orig_params=orig)))
 torch.distributed.destroy_process_group()
 """
 
 
-def test_layerwise_is_refused_under_ddp(tmp_path):
-    """Two real gloo processes: the post-accumulate hooks would fire before DDP's all-reduce."""
+def test_layerwise_under_ddp_and_fsdp1_flat_parameters_are_refused(tmp_path):
+    """Two real gloo processes: DDP (the post-accumulate hooks fire before its all-reduce) and FSDP1 (flat 1-D)."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONPATH": str(Path(gradlore.__file__).parents[1])}
-    procs = [subprocess.Popen([sys.executable, "-c", DDP_WORKER, str(rank), str(tmp_path / "store")], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", DIST_WORKER, str(rank), str(tmp_path / "store")], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    outputs = [p.communicate(timeout=120) for p in procs]
-    for out, err in outputs:
-        assert out.startswith("refused: layer-wise updates with 2 processes"), err[-2000:]
+    for out, err in [p.communicate(timeout=120) for p in procs]:
+        lines = out.splitlines()
+        assert len(lines) == 3, err[-2000:]
+        assert lines[0].startswith("refused: layer-wise updates with 2 processes")
+        assert "flattened to 1-D (_fsdp_wrapped_module._flat_param)" in lines[1]
+        assert "flattened to 1-D (_fsdp_wrapped_module.0.weight" in lines[2]
