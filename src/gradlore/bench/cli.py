@@ -2,20 +2,23 @@
 
 Sub-commands, one line each: ``optim`` (optimizer step time and retained state), ``pretrain`` (small LLaMA
 pretraining with every optimizer, LR-swept), ``welore`` (compression of a real model), ``tokenize``
-(corpus-scale tokenization and the token cache).
+(corpus-scale tokenization and the token cache), ``finetune`` (SmolLM2 through the Hugging Face Trainer with
+every method, LoRA included).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from gradlore.bench import optim, pretrain, tokenize, welore
+from gradlore.bench import finetune, optim, pretrain, tokenize, welore
 
 BENCHES = {
     "optim": (optim, "optimizer step time and state memory against the peers"),
     "pretrain": (pretrain, "pretrain a small LLaMA with every optimizer, LR-swept"),
     "welore": (welore, "WeLore vs uniform compression of SmolLM2, fine-tuning, speed"),
     "tokenize": (tokenize, "tokens/s encoding a large corpus, and the cached second start"),
+    "finetune": (finetune, "fine-tune SmolLM2 through transformers.Trainer: AdamW, LoRA (peft), GaLore, DCT, Fira, "
+                           "layer-wise DCT, WeLore LRC-only"),
 }
 
 
