@@ -217,3 +217,34 @@ def test_layerwise_under_ddp_and_fsdp1_flat_parameters_are_refused(tmp_path):
         assert lines[0].startswith("refused: layer-wise updates with 2 processes")
         assert "flattened to 1-D (_fsdp_wrapped_module._flat_param)" in lines[1]
         assert "flattened to 1-D (_fsdp_wrapped_module.0.weight" in lines[2]
+
+
+def _accelerate_loop(layerwise: bool, steps: int = 3, accum: int = 2) -> tuple[list[float], LlamaForCausalLM]:
+    """The documented accelerate route: create_optimizer, accelerator.prepare, accelerator.accumulate."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accum)
+    model = tiny_llama()
+    opt = gradlore.hf.create_optimizer(model, lr=3e-3, method="dct", rank=RANK, update_proj_gap=2, layerwise=layerwise)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+    model, opt = accelerator.prepare(model, opt)
+    data, losses = Blocks(), []
+    for i in range(steps * accum):
+        batch = data.blocks[4 * i:4 * i + 4]
+        with accelerator.accumulate(model):
+            loss = model(input_ids=batch, labels=batch).loss
+            accelerator.backward(loss)
+            opt.step()
+            opt.zero_grad()
+        if accelerator.sync_gradients:
+            sched.step()
+        losses.append(loss.item())
+    return losses, model
+
+
+def test_accelerate_loop_layerwise_with_accumulation_equals_ordinary():
+    plain, a = _accelerate_loop(layerwise=False)
+    layer, b = _accelerate_loop(layerwise=True)
+    assert layer == plain
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n
