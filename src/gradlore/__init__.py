@@ -9,6 +9,7 @@ See README.md for the command line (`gradlore train | compress | finetune | eval
 
 from __future__ import annotations
 
+from gradlore import hf  # gradlore.hf.OptimizerFactory: the Hugging Face Trainer's optimizer factory
 from gradlore.compress.welore import compress, load_compressed  # binds the functions over the subpackage
 from gradlore.errors import UserError
 from gradlore.optim import presets
@@ -22,6 +23,7 @@ __all__ = [
     "LowRankAdamW",
     "UserError",
     "compress",
+    "hf",
     "layerwise",
     "load_compressed",
     "param_groups",

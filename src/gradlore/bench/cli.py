@@ -2,14 +2,15 @@
 
 Sub-commands, one line each: ``optim`` (optimizer step time and retained state), ``pretrain`` (small LLaMA
 pretraining with every optimizer, LR-swept), ``welore`` (compression of a real model), ``tokenize``
-(corpus-scale tokenization and the token cache), ``distributed`` (refresh cost on several processes).
+(corpus-scale tokenization and the token cache), ``distributed`` (refresh cost on several processes),
+``finetune`` (SmolLM2 through the Hugging Face Trainer with every method, LoRA included).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from gradlore.bench import distributed, optim, pretrain, tokenize, welore
+from gradlore.bench import distributed, finetune, optim, pretrain, tokenize, welore
 
 BENCHES = {
     "optim": (optim, "optimizer step time and state memory against the peers"),
@@ -17,6 +18,8 @@ BENCHES = {
     "welore": (welore, "WeLore vs uniform compression of SmolLM2, fine-tuning, speed"),
     "tokenize": (tokenize, "tokens/s encoding a large corpus, and the cached second start"),
     "distributed": (distributed, "refresh time and bytes with DDP / FSDP2 processes (DCT on shards vs SVD)"),
+    "finetune": (finetune, "fine-tune SmolLM2 through transformers.Trainer: AdamW, LoRA (peft), GaLore, DCT, Fira, "
+                           "layer-wise DCT, WeLore LRC-only"),
 }
 
 

@@ -19,6 +19,7 @@ from gradlore.compress.eval import perplexity, read_text, tokenize
 from gradlore.compress.welore import compress, count_params, prepare_out_dir, save_compressed
 from gradlore.data.tokenizer import TextTokenizer, load_tokenizer
 from gradlore.errors import UserError
+from gradlore.hf.harness import format_results, run_tasks
 from gradlore.models import load_model, max_positions, resolve_model_path
 
 
@@ -87,6 +88,10 @@ def run_compress(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tasks:  # lm-evaluation-harness instead of perplexity
+        return run_harness(args)
+    if not args.data:
+        raise UserError("gradlore eval needs --data TEXT (perplexity) or --tasks NAMES (lm-evaluation-harness).")
     if args.stride is not None and not 1 <= args.stride <= args.context:
         raise UserError(f"--stride {args.stride} must lie in [1, --context={args.context}] (stride = context: disjoint "
                         "windows; smaller: more left context per token). Fix: e.g. --stride 256.")
@@ -106,6 +111,17 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     if args.json:
         _print_json(res.to_dict() | {"model": str(args.model), "data": str(args.data), "params": count_params(model)})
+    return 0
+
+
+def run_harness(args: argparse.Namespace) -> int:
+    results = run_tasks(args.model, [t.strip() for t in args.tasks.split(",") if t.strip()],
+                        include_path=args.include_path, num_fewshot=args.num_fewshot, limit=args.limit,
+                        batch_size=args.batch_size, tokenizer=args.tokenizer)
+    print(f"{args.model}: lm-evaluation-harness")
+    print(format_results(results))
+    if args.json:
+        _print_json(results | {"model": str(args.model)})
     return 0
 
 
@@ -142,10 +158,17 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity of a dense or compressed model on a text",
-                       description="Sliding-window perplexity with a stated context length and stride.")
+    p = sub.add_parser("eval", help="perplexity (--data) or lm-evaluation-harness tasks (--tasks) of a dense or "
+                                    "compressed model",
+                       description="Sliding-window perplexity with a stated context length and stride, or "
+                                   "lm-evaluation-harness tasks (--tasks arc_easy,hellaswag; the same as `lm_eval "
+                                   "--model hf --model_args pretrained=DIR,trust_remote_code=True`).")
     p.add_argument("--model", required=True, help="dense or compressed model folder, or alias: smollm2")
-    p.add_argument("--data", required=True, help="text file, folder, JSONL, corpus name or hf:NAME[:CONFIG]")
+    p.add_argument("--data", help="text file, folder, JSONL, corpus name or hf:NAME[:CONFIG] (perplexity)")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. arc_easy,hellaswag (instead of --data)")
+    p.add_argument("--include-path", help="folder of your own lm-eval task YAML files (e.g. over a local JSONL)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="lm-eval: few-shot examples per question")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: first N examples per task (or a fraction)")
     p.add_argument("--context", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--stride", type=int, default=None, help="distance between window starts (default = context)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")

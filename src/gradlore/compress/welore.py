@@ -30,6 +30,7 @@ from gradlore.cache import cache_dir as default_cache_dir
 from gradlore.compress.allocate import METHODS, Allocation, allocate
 from gradlore.compress.eval import read_text, tokenize
 from gradlore.compress.lowrank_linear import LowRankEmbedding, LowRankLinear, dense_weight, svd_factors
+from gradlore.compress.remote import base_config, write_remote_code
 from gradlore.compress.spectrum import (
     DATA_AWARE_MODES,
     ActivationStats,
@@ -284,6 +285,7 @@ def save_compressed(model: nn.Module, out: str | Path, tokenizer: TextTokenizer 
         model.config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "gradlore": FORMAT})
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
+        write_remote_code(tmp, meta["layers"], meta["architectures"])  # AutoModelForCausalLM + trust_remote_code
         if tokenizer is not None:
             tokenizer.save(tmp)
         if out.exists():
@@ -304,7 +306,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> nn.
     recorded ranks, then the saved weights. Anything inconsistent raises a UserError naming the fix."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     hint = "re-create it with `gradlore compress ... --out DIR --overwrite`"
@@ -319,7 +321,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> nn.
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise UserError(f"compressed checkpoint {path} is corrupt: {CONFIG_NAME} unreadable ({exc}); {hint}.") from exc
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = base_config(path)  # the dense architecture (config.json names the remote-code model type)
     except Exception as exc:  # noqa: BLE001
         raise UserError(f"compressed checkpoint {path} is corrupt: config.json unreadable ({exc}); {hint}.") from exc
     if not (path / WEIGHTS_NAME).exists():

@@ -4,20 +4,23 @@
 - a gradlore preset (``galore``, ``dct``, ``fira``, ``frugal``, ``dct-fira``; ``gradlore.optim.presets``):
   ``LowRankAdamW(param_groups(model, method=NAME, rank=r, ...))``: every targeted weight W (m×n) keeps Adam
   moments of its projected gradient Pᵀ G (r×n) instead of G.
+- ``lora``: LoRA through `peft` (``gradlore.optim.lora``): the model gets rank-r adapters (applied to the model
+  by the training driver, ``gradlore.train.lora``) and this builds AdamW over what is trainable: the adapters.
 - a peer package, for comparison: ``galore-torch`` (GaLore's authors' ``GaLoreAdamW``) and ``fira-adamw``
   (Fira's authors' ``FiraAdamW``), on GaLore's own choice of targets (the 2-D weights of attention and MLP
   modules). Their states hold Python projector objects, so they cannot be checkpointed with
   ``weights_only=True`` and the driver refuses to resume them.
 
 With ``layerwise`` every parameter is updated inside backward (``LayerwiseOptimizer``), for any of them but
-the peers.
+the peers. ``no_decay`` names parameters that take no weight decay (Hugging Face's split: biases and norms);
+each group is then split in two, the second with ``weight_decay=0``.
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +30,7 @@ from torch import nn
 from gradlore.errors import UserError, did_you_mean, require_positive
 from gradlore.optim.groups import param_groups, parse_targets
 from gradlore.optim.layerwise import LayerwiseOptimizer
+from gradlore.optim.lora import check_lora_options
 from gradlore.optim.lowrank_adamw import LowRankAdamW
 from gradlore.optim.parts import check_options
 from gradlore.optim.presets import PRESETS
@@ -63,6 +67,8 @@ class OptimConfig:
                             "Fix: --set optim.layerwise=false.")
         if self.name in PRESETS:
             check_options(PRESETS[self.name](rank=self.rank, **self.group_overrides()), f"optimizer {self.name}")
+        if self.name == "lora":
+            check_lora_options(self.overrides, "optim.overrides of optimizer lora")
 
     def group_overrides(self) -> dict[str, Any]:
         """The projected group's keys the config sets on top of the preset."""
@@ -106,22 +112,35 @@ PEERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 def optimizer_names() -> list[str]:
-    return ["adamw", *PRESETS, *PEERS]
+    return ["adamw", "lora", *PRESETS, *PEERS]
 
 
 def check_optimizer(name: str) -> None:
     if name not in optimizer_names():
         raise UserError(f"unknown optimizer {name!r}.{did_you_mean(name, optimizer_names())} Fix: --optimizer adamw, "
-                        f"one of the gradlore presets ({', '.join(PRESETS)}), or a peer ({', '.join(PEERS)}).")
+                        f"lora (peft), one of the gradlore presets ({', '.join(PRESETS)}), or a peer ({', '.join(PEERS)}).")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg`` over ``model``'s trainable parameters."""
+def split_decay(groups: list[dict], no_decay: Collection[str]) -> list[dict]:
+    """Each group split into its decayed parameters and those named in ``no_decay`` (``weight_decay=0``)."""
+    out = []
+    for group in groups:
+        names = group["param_names"]
+        for keep, extra in ((lambda n: n not in no_decay, {}), (lambda n: n in no_decay, {"weight_decay": 0.0})):
+            idx = [i for i, n in enumerate(names) if keep(n)]
+            if idx:
+                out.append({**group, **extra, "params": [group["params"][i] for i in idx],
+                            "param_names": [names[i] for i in idx]})
+    return out
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, no_decay: Collection[str] = ()) -> torch.optim.Optimizer:
+    """The optimizer named by ``cfg`` over ``model``'s trainable parameters (``no_decay``: names without decay)."""
     cfg.validate()
     adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name in PEERS:
         return PEERS[cfg.name](model, cfg, **adamw)
-    if cfg.name == "adamw":
+    if cfg.name in ("adamw", "lora"):  # lora: the model already carries its adapters; they are what trains
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise UserError("nothing to train: every parameter of the model is frozen.")
@@ -131,6 +150,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         params = param_groups(model, method=cfg.name, rank=cfg.rank, target_modules=parse_targets(cfg.target_modules),
                               **cfg.group_overrides())
         cls = LowRankAdamW
+    if no_decay:
+        params = split_decay(params, set(no_decay))
     if cfg.layerwise:
         return LayerwiseOptimizer(params, optimizer_cls=cls, **adamw)
     return cls(params, **adamw)

@@ -34,6 +34,7 @@ EPILOG = """examples:
   gradlore train --preset tiny --optimizer adamw --steps 200 --out runs/tiny
   gradlore train --data notes.txt --model small --optimizer fira --set optim.update_proj_gap=200
   gradlore train --out runs/x --resume              # continue a killed run exactly where it stopped
+  gradlore train --init smollm2 --optimizer lora --rank 16 --target-modules all-linear   # LoRA (peft) baseline
   gradlore finetune --model runs/smol-w20 --data notes.txt --steps 100 --out runs/smol-w20-ft
   gradlore analyze --steps 300 --out runs/analyze   # gradient-rank statistics by layer type
 """
@@ -42,7 +43,7 @@ EPILOG = """examples:
 FLAGS = {"data": "data.path", "model": "model.size", "init": "model.init", "optimizer": "optim.name",
          "lr": "optim.lr", "rank": "optim.rank", "steps": "train.steps", "seed": "train.seed",
          "batch_size": "train.batch_size", "block_size": "data.block_size", "every": "analysis.every",
-         "parallel": "train.parallel"}
+         "parallel": "train.parallel", "target_modules": "optim.target_modules"}
 
 
 def _common(p: argparse.ArgumentParser, preset: str) -> None:
@@ -51,7 +52,9 @@ def _common(p: argparse.ArgumentParser, preset: str) -> None:
                                   "hf:DATASET[:CONFIG]")
     p.add_argument("--optimizer", help=f"one of {', '.join(optimizer_names())}")
     p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--rank", type=int, help="projection rank of a gradlore optimizer")
+    p.add_argument("--rank", type=int, help="projection rank of a gradlore optimizer (LoRA: the adapters' rank)")
+    p.add_argument("--target-modules", help="layers to project (or to give LoRA adapters): all-linear, name fragments "
+                                            "(q_proj,v_proj) or re:REGEX")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--batch-size", type=int, help="sequences per micro-batch")
     p.add_argument("--block-size", type=int, help="tokens per sequence")
@@ -168,6 +171,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"checkpoint: {paths['checkpoint']}")
     if paths["model"]:
         print(f"model:      {paths['model']}  (use with --init)")
+    if paths.get("adapter"):
+        print(f"adapter:    {paths['adapter']}  (the LoRA adapter alone, for peft)")
     if "gradient_plot" in paths:
         print(f"gradients:  {paths['gradient_stats']}  (plot {paths['gradient_plot']})")
     print(f"summary:    {Path(paths['run']) / 'summary.json'}")

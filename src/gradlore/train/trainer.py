@@ -52,6 +52,7 @@ from gradlore.train.config import RunConfig, load_run_config, resume_changes
 from gradlore.train.dist_checkpoint import check_format, load_distributed, save_distributed
 from gradlore.train.distributed import Parallel, SilentLog, setup_parallel
 from gradlore.train.hooks import GradientRankHook, Hook
+from gradlore.train.lora import LoraHook
 from gradlore.train.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -136,7 +137,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
                  hooks: list[Hook] | tuple[Hook, ...] = ()) -> None:
         self.cfg, self.out = cfg.validate(), Path(out)
-        self.hooks = [*hooks, *([GradientRankHook()] if cfg.analysis.every else [])]
+        self.hooks = [*([LoraHook()] if cfg.optim.name == "lora" else []), *hooks,  # lora: adapters on the model
+                      *([GradientRankHook()] if cfg.analysis.every else [])]
         check_run_dir(self.out, resume, overwrite)
         self.par: Parallel = setup_parallel(cfg)  # parallel: torchrun's process group (identity otherwise)
         self.par.barrier()  # parallel: every rank has looked at the folder before rank 0 writes into it

@@ -1,0 +1,308 @@
+"""Fine-tune SmolLM2-135M through ``transformers.Trainer`` with every method, side by side, each in its own process.
+
+    gradlore bench finetune --runs adamw:5e-5,lora:1e-3,dct:1e-4      # method:lr pairs; finished runs are reused
+    gradlore bench finetune --report                                  # the table of what has run
+
+Methods (all through the Hugging Face Trainer, the same data, batches, schedule and token budget):
+- ``adamw``: every weight, ``torch.optim.AdamW`` (through ``gradlore.hf.OptimizerFactory(method="adamw")``);
+- ``lora``: LoRA (arXiv 2106.09685) through peft on every linear layer but the head, rank ``--lora-rank``
+  (default: the rank whose adapters hold as many numbers as the projected methods' rank-r moments, below);
+- ``galore``, ``dct``, ``fira``: gradlore presets at rank ``--rank`` on every linear layer but the head (the
+  tied embedding trains with plain AdamW), through ``gradlore.hf.OptimizerFactory``;
+- ``dct-layerwise``: ``dct`` updating each weight inside backward (gradients freed at once);
+- ``welore-lrc``: WeLore (arXiv 2407.11239) data-aware compression at ``--welore-remove``, then only the
+  low-rank factors train (AdamW);
+- ``base``: no training (the starting perplexity).
+
+Data: a real text (default ``../shared/data/tinyshakespeare.txt``): the first 90% is the training side (the
+first ``steps × batch × accumulation`` blocks of ``--seq`` tokens are used, each once), the last 10% is held
+out; validation perplexity is over its first ``--val-tokens`` tokens in disjoint windows of ``--seq``
+(``gradlore.compress.eval.perplexity``). Figures per run: validation perplexity, trainable parameters,
+optimizer state bytes (``gradlore.state_bytes``), peak RSS of the worker process over model loading and
+training (``ru_maxrss`` read right after training; the evaluation pass that follows, batch 4 × 1 full
+vocabulary of logits, is reported apart in results.json as ``peak_rss_bytes``), and training tokens/s
+(Trainer ``train_runtime``, first step included).
+Results accumulate in ``--out``/results.json; a table (best LR per method, then every run) in ``table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gradlore.cache import cache_dir
+from gradlore.errors import UserError
+
+DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "tinyshakespeare.txt"
+METHODS = ("base", "adamw", "lora", "galore", "dct", "fira", "dct-layerwise", "welore-lrc")
+GRADLORE = ("galore", "dct", "fira", "dct-layerwise", "welore-lrc")
+MIB = 2**20
+
+
+# ------------------------------------------------------------------------------------------------ worker
+def _blocks(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train blocks (n, seq), held-out validation ids (val_tokens,)) of the SmolLM2 tokenization of the text."""
+    from gradlore.data.tokenizer import load_tokenizer
+    from gradlore.models import smollm2
+
+    text = Path(args.data).read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)
+    tok = load_tokenizer(str(smollm2()))
+    train_ids, val_ids = (torch.tensor(tok.encode_batch([t])[0], dtype=torch.long) for t in (text[:cut], text[cut:]))
+    n = args.steps * args.batch_size * args.accum
+    if train_ids.numel() < n * args.seq or val_ids.numel() < args.val_tokens:
+        raise UserError(f"{args.data} is too short for {n} blocks of {args.seq} tokens and {args.val_tokens} held-out.")
+    return train_ids[: n * args.seq].view(n, args.seq), val_ids[: args.val_tokens]
+
+
+def _welore_dir(args: argparse.Namespace) -> Path:
+    return cache_dir() / "bench" / f"smollm2-welore-whiten-{int(round(args.welore_remove * 100))}"
+
+
+def prepare_welore(args: argparse.Namespace) -> Path:
+    """The data-aware WeLore model (calibrated on CPython's pydoc prose, as ``gradlore bench welore``), once."""
+    out = _welore_dir(args)
+    if (out / "welore.json").exists():
+        return out
+    from gradlore.bench.welore import pydoc_text
+    from gradlore.compress.welore import compress, save_compressed
+    from gradlore.data.tokenizer import load_tokenizer
+    from gradlore.models import load_model, smollm2
+
+    model, tok = load_model("smollm2"), load_tokenizer(str(smollm2()))
+    compress(model, remove=args.welore_remove, data_aware="whiten", calibration=pydoc_text()[:160_000],
+             tokenizer=tok, damping=0.1)
+    return save_compressed(model, out, tokenizer=tok)
+
+
+class _Blocks(torch.utils.data.Dataset):
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def _model_and_options(method: str, args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model to train and the factory's keyword arguments."""
+    from gradlore.compress.lowrank_linear import mark_trainable
+    from gradlore.models import load_model
+    from gradlore.optim.lora import add_lora
+
+    model = load_model(_welore_dir(args) if method == "welore-lrc" else "smollm2")
+    model.config.use_cache = False
+    model.train()
+    if method == "welore-lrc":
+        mark_trainable(model, "lrc")
+        return model, {"method": "adamw"}
+    if method == "lora":
+        return add_lora(model, args.lora_rank, "all-linear"), {"method": "adamw"}
+    if method == "adamw":
+        return model, {"method": "adamw"}
+    name, layerwise = method.removesuffix("-layerwise"), method.endswith("-layerwise")
+    return model, {"method": name, "rank": args.rank, "update_proj_gap": args.gap, "layerwise": layerwise}
+
+
+def worker(method: str, lr: float, args: argparse.Namespace) -> dict[str, Any]:
+    """One run in this process; returns its figures."""
+    from transformers import Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from gradlore.compress.eval import perplexity
+    from gradlore.hf.optimizer import OptimizerFactory
+    from gradlore.optim.state import state_bytes
+    from gradlore.train.rundir import peak_rss_bytes
+
+    torch.set_num_threads(args.threads)
+    hf_logging.set_verbosity_error()
+    train, val = _blocks(args)
+    model, options = _model_and_options(method if method != "base" else "adamw", args)
+    result: dict[str, Any] = {"method": method, "lr": lr, "params": sum(p.numel() for p in model.parameters())}
+    losses: list[float] = []
+    if method != "base":
+        targs = TrainingArguments(
+            output_dir=str(args.out / "trainer" / f"{method}@{lr:g}"), max_steps=args.steps, learning_rate=lr,
+            per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.accum,
+            lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 10), weight_decay=0.0, max_grad_norm=1.0,
+            logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=args.seed, disable_tqdm=True,
+            dataloader_num_workers=0)
+        trainer = Trainer(model=model, args=targs, train_dataset=_Blocks(train),
+                          optimizer_cls_and_kwargs=(OptimizerFactory, options))
+        result["rss_before_train_bytes"] = peak_rss_bytes()
+        out = trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        result.update(trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                      opt_state_bytes=state_bytes(opt), train_seconds=out.metrics["train_runtime"],
+                      tokens=train.numel(), tokens_per_s=train.numel() / out.metrics["train_runtime"],
+                      first_loss=losses[0], last_loss=losses[-1], rss_after_train_bytes=peak_rss_bytes())
+    t0 = time.perf_counter()
+    res = perplexity(model, val, context=args.seq, stride=args.seq, batch_size=args.batch_size)
+    result.update(val_ppl=res.perplexity, val_nll=res.nll, val_tokens_scored=res.tokens_scored,
+                  eval_seconds=time.perf_counter() - t0, peak_rss_bytes=peak_rss_bytes(), losses=losses)
+    return result
+
+
+# ------------------------------------------------------------------------------------------ orchestration
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save(path: Path, key: str, value: dict[str, Any]) -> None:
+    results = _load(path)
+    results[key] = value
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+
+
+def _setting(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes runs comparable: a result recorded under another setting is not reused."""
+    return {k: getattr(args, k) for k in ("data", "steps", "batch_size", "accum", "seq", "val_tokens", "rank",
+                                           "lora_rank", "gap", "seed", "welore_remove")} | {"data": str(args.data)}
+
+
+def _runs(spec: str) -> list[tuple[str, float]]:
+    out = []
+    for item in spec.split(","):
+        method, _, lr = item.strip().partition(":")
+        if method not in METHODS:
+            raise UserError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
+        out.append((method, float(lr) if lr else 0.0))
+    return out
+
+
+def lora_rank_for(rank: int) -> int:
+    """LoRA rank whose adapters hold as many numbers as rank-r projected moments on SmolLM2's linear layers.
+
+    Per layer, a projected weight (m, n) keeps r·max(m, n) numbers per moment; LoRA keeps r_L·(m + n).
+    SmolLM2: q, o 576×576; k, v 192×576; gate, up 1536×576; down 576×1536.
+    """
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    return round(rank * sum(max(s) for s in shapes) / sum(sum(s) for s in shapes))
+
+
+def table(results: dict[str, Any]) -> str:
+    runs = [r for k, r in results.items() if not k.startswith("_")]
+    best: dict[str, dict[str, Any]] = {}
+    for r in runs:
+        if r["method"] not in best or r["val_ppl"] < best[r["method"]]["val_ppl"]:
+            best[r["method"]] = r
+
+    def row(r: dict[str, Any]) -> str:
+        if r["method"] == "base":
+            return f"| base (no training) | – | {r['val_ppl']:.2f} | 0 | – | – | – |"
+        return (f"| {r['method']} | {r['lr']:g} | {r['val_ppl']:.2f} | {r['trainable_params']:,} | "
+                f"{r['opt_state_bytes'] / MIB:,.1f} | {train_peak(r) / MIB:,.0f} | {r['tokens_per_s']:.0f} |")
+
+    head = ("| method | lr | val ppl | trainable params | optimizer state MiB | peak RSS MiB (load + train) | "
+            "train tokens/s |\n|---|---|---|---|---|---|---|")
+    order = [m for m in METHODS if m in best]
+    lines = ["Best learning rate of each method:", "", head, *(row(best[m]) for m in order), "",
+             "Every run:", "", head,
+             *(row(r) for r in sorted(runs, key=lambda r: (METHODS.index(r["method"]), r["lr"])))]
+    lines += ["", *targets(best)]
+    return "\n".join(lines)
+
+
+def train_peak(r: dict[str, Any]) -> int:
+    return r["rss_after_train_bytes"]
+
+
+def targets(best: dict[str, dict[str, Any]]) -> list[str]:
+    out = []
+    if "lora" in best:
+        lora = best["lora"]
+        limit = 1.25 * train_peak(lora)
+        ok = [m for m in GRADLORE if m in best and best[m]["val_ppl"] <= lora["val_ppl"]
+              and train_peak(best[m]) <= limit]
+        out.append(f"Target 1 (a gradlore method with val ppl <= LoRA's {lora['val_ppl']:.2f} at peak RSS <= "
+                   f"{limit / MIB:,.0f} MiB = LoRA + 25%): {'met by ' + ', '.join(ok) if ok else 'missed'}.")
+    if "adamw" in best and "dct-layerwise" in best:
+        adamw, lw = best["adamw"], best["dct-layerwise"]
+        grads = 4 * adamw["trainable_params"]
+        gap = train_peak(adamw) - train_peak(lw)
+        out.append(f"Target 2 (layer-wise DCT's peak RSS below AdamW's by >= the full gradients, {grads / MIB:,.0f} "
+                   f"MiB): {'met' if gap >= grads else 'missed'} ({gap / MIB:,.0f} MiB below).")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.data = Path(args.data)
+    if args.lora_rank is None:
+        args.lora_rank = lora_rank_for(args.rank)
+    results_path = args.out / "results.json"
+    if args.worker:  # one run, in this (fresh) process
+        method, lr = _runs(args.worker)[0]
+        result = worker(method, lr, args) | {"setting": _setting(args)}
+        _save(results_path, f"{method}@{lr:g}", result)
+        return 0
+    if not args.report:
+        if not args.data.exists():
+            raise UserError(f"training text {args.data} not found; pass --data FILE.")
+        for method, lr in _runs(args.runs):
+            key = f"{method}@{lr:g}"
+            done = _load(results_path).get(key)
+            if done and done.get("setting") == _setting(args) and not args.redo:
+                print(f"{key}: reused (val ppl {done['val_ppl']:.2f})", flush=True)
+                continue
+            if method == "welore-lrc":
+                prepare_welore(args)
+            cmd = [sys.executable, "-m", "gradlore.bench.finetune", "--worker", f"{method}:{lr}", "--out", str(args.out),
+                   "--threads", str(args.threads)]
+            cmd += [f"--{k.replace('_', '-')}={v}" for k, v in _setting(args).items()]
+            t0 = time.perf_counter()
+            print(f"{key}: running ...", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-4000:])
+                raise SystemExit(f"run {key} failed")
+            r = _load(results_path)[key]
+            print(f"{key}: val ppl {r['val_ppl']:.2f}, peak RSS {r['peak_rss_bytes'] / MIB:,.0f} MiB "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    text = table(_load(results_path))
+    (args.out / "table.md").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--runs", default="base:0,adamw:3e-5,lora:1e-3,galore:3e-4,dct:3e-4,fira:3e-4,dct-layerwise:3e-4,"
+                                     "welore-lrc:3e-4",
+                   help="comma-separated METHOD:LR pairs; methods: " + ", ".join(METHODS))
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="training/validation text (default: tinyshakespeare)")
+    p.add_argument("--out", type=Path, default=Path("bench_results/finetune"))
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--accum", type=int, default=1)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--val-tokens", type=int, default=8192)
+    p.add_argument("--rank", type=int, default=128, help="rank of the projected methods")
+    p.add_argument("--lora-rank", type=int, default=None, help="default: matched to --rank (see lora_rank_for)")
+    p.add_argument("--gap", type=int, default=200, help="update_proj_gap of the projected methods")
+    p.add_argument("--welore-remove", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--redo", action="store_true", help="run again what results.json already holds")
+    p.add_argument("--report", action="store_true", help="only print the table")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser(argparse.ArgumentParser(prog="python -m gradlore.bench.finetune")).parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
