@@ -46,7 +46,8 @@ from gradlore.compress.spectrum import (
     spectrum_key,
     weighted_matrix,
 )
-from gradlore.data.tokenizer import TextTokenizer
+from gradlore.data.stream import with_bos
+from gradlore.data.tokenizer import TextTokenizer, sequence_bos
 from gradlore.errors import UserError
 
 FORMAT = "gradlore-welore-1"
@@ -98,17 +99,22 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def text_blocks(tokenizer: TextTokenizer, text: str, n_tokens: int, context: int) -> torch.Tensor:
-    """The first ``n_tokens`` tokens of ``text`` as (n_tokens // context, context) blocks of ids."""
-    ids = tokenize(tokenizer, text, n_tokens)
-    n = len(ids) // context
+def text_blocks(tokenizer: TextTokenizer, text: str, n_tokens: int, context: int, bos: int | None = None
+                ) -> torch.Tensor:
+    """(n_tokens // context, context) blocks of ids from the head of ``text``; with ``bos`` each block is BOS
+    followed by context − 1 text tokens (as the model reads its evaluation windows and training blocks)."""
+    span = context - (bos is not None)
+    n = n_tokens // context
+    ids = tokenize(tokenizer, text, n * span)
+    n = min(n, len(ids) // span) if span > 0 else 0
     if n == 0:
         raise UserError(f"calibration text has {len(ids)} tokens, fewer than one block of {context}; give more text.")
-    return ids[: n * context].reshape(n, context)
+    return with_bos(ids[: n * span].reshape(n, span), bos)
 
 
 def _calibration_blocks(
-    calibration: str | Path | torch.Tensor, tokenizer: TextTokenizer | None, n_tokens: int, context: int
+    calibration: str | Path | torch.Tensor, tokenizer: TextTokenizer | None, n_tokens: int, context: int,
+    bos: str = "auto",
 ) -> torch.Tensor:
     if isinstance(calibration, torch.Tensor):
         return calibration.long().reshape(-1, calibration.shape[-1])
@@ -116,7 +122,7 @@ def _calibration_blocks(
         raise UserError("calibration text needs a tokenizer: pass tokenizer=..., or token ids (n, L).")
     if isinstance(calibration, Path) or (isinstance(calibration, str) and len(calibration) < 4096 and Path(calibration).is_file()):
         calibration = read_text(calibration)
-    return text_blocks(tokenizer, str(calibration), n_tokens, context)
+    return text_blocks(tokenizer, str(calibration), n_tokens, context, sequence_bos(tokenizer, bos))
 
 
 @torch.no_grad()
@@ -166,6 +172,7 @@ def compress(
     tokenizer: TextTokenizer | None = None,
     calibration_tokens: int = 16384,
     calibration_context: int = 512,
+    bos: str = "auto",
     damping: float | None = None,
     activation_stats: ActivationStats | None = None,
     include_head: bool = False,
@@ -180,7 +187,8 @@ def compress(
     WeLore's effective rank reduction; exactly one, in (0, 1). ``method``: "welore" (one global threshold on
     normalised singular values) or "uniform" (every matrix loses the same share). ``data_aware``: None,
     "whiten" (SVD of W·chol(XᵀX)) or "asvd" (SVD of W·diag(mean|x|)^½), with ``calibration`` text / path /
-    token ids (n, L), or precomputed ``activation_stats``; ``damping`` (whiten) adds damping·mean(diag XᵀX/N)·I
+    token ids (n, L) (used as given), or precomputed ``activation_stats``; calibration text is cut into blocks
+    that start with the tokenizer's BOS when it adds one (``bos``: auto, always, never); ``damping`` (whiten) adds damping·mean(diag XᵀX/N)·I
     to the Gram, leaning towards the data-free SVD when the calibration text differs from the target text.
     Spectra are cached under ``cache_dir`` (default $GRADLORE_CACHE/spectra) or in the explicit file
     ``spectrum_cache``, keyed by the weights, the statistics and the ridge. ``svd_cache``: a dict the caller
@@ -205,7 +213,7 @@ def compress(
     if data_aware is not None and stats is None:
         if calibration is None:
             raise UserError(f"data_aware={data_aware!r} needs calibration text (--calibration FILE).")
-        blocks = _calibration_blocks(calibration, tokenizer, calibration_tokens, calibration_context)
+        blocks = _calibration_blocks(calibration, tokenizer, calibration_tokens, calibration_context, bos)
         stats = collect_activation_stats(model, modules, blocks)
     if stats is not None and damping is not None:
         if not damping >= 0:
