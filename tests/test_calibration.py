@@ -72,6 +72,8 @@ def test_activation_stats_equal_a_plain_per_layer_reference_bit_for_bit():
     wrong = [n for n in modules if not (torch.equal(stats.gram[n], gram[n]) and torch.equal(stats.abs_sum[n], abs_sum[n]))]
     assert not wrong, f"{len(wrong)} of {len(modules)} Grams differ from the plain reference: {wrong[:4]}"
     assert stats.tokens == blocks.numel()
+    plain = collect_activation_stats(model, modules, blocks, batch_size=4, share_inputs=False)
+    assert all(torch.equal(plain.gram[n], gram[n]) for n in modules)
     # q/k/v read one tensor and gate/up another: their Grams are equal; o and down read their own inputs
     layer = "model.layers.1"
     assert torch.equal(stats.gram[f"{layer}.self_attn.q_proj"], stats.gram[f"{layer}.self_attn.v_proj"])
