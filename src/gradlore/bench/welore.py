@@ -42,6 +42,7 @@ from gradlore.data.corpora import resolve_corpus
 from gradlore.data.tokenizer import load_tokenizer, sequence_bos
 from gradlore.errors import UserError
 from gradlore.models import load_model, smollm2
+from gradlore.optim.build import optimizer_names
 from gradlore.train.rundir import read_losses
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
@@ -388,6 +389,9 @@ def run(args: argparse.Namespace) -> int:
     bad = [k for k in args.ft_jobs if k not in FT_KINDS]
     if bad:
         raise UserError(f"--ft-jobs {','.join(bad)}: not one of {', '.join(FT_KINDS)}.")
+    if "lora" in args.ft_jobs and "lora" not in optimizer_names():
+        raise UserError("--ft-jobs lora: this gradlore has no `--optimizer lora` (peft LoRA) yet. "
+                        "Fix: leave lora out of --ft-jobs.")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     results = _load(args.results)
