@@ -12,7 +12,8 @@ tiny-shakespeare, windows of ``--context`` with ``--stride``, each window starti
 ``pydoc_data.topics`` (the language reference prose shipped with every Python), its first ``CALIB_CHARS``
 characters; ``wikitext2-tail`` = WikiText-2 test from character 200,000 on and ``shakespeare-tail`` = the
 packaged text from character 100,000 on (in-domain, disjoint from the evaluated heads). Fine-tuning reads
-the pydoc characters after ``CALIB_CHARS``, so it never overlaps calibration or evaluation.
+the pydoc characters after ``CALIB_CHARS`` (``--ft-data pydoc``) or WikiText-2 test from character 300,000 on
+(``--ft-data wikitext2-tail``, in-domain), so it never overlaps calibration or evaluation.
 Results accumulate in ``--out``/results.json and finished work is reused: every phase can be rerun alone,
 and ``--budget-s`` stops starting new work after that many seconds (a running fine-tune is interrupted, it
 checkpoints, and the next invocation resumes it), so a long benchmark runs in short chunks.
@@ -49,6 +50,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 METHODS = ("welore", "uniform")
 CALIB_CHARS = 160_000  # calibration reads the first --calib-tokens tokens of this head; fine-tuning the rest
 CALIB_SOURCES = ("pydoc", "wikitext2-tail", "shakespeare-tail")
+FT_SOURCES = ("pydoc", "wikitext2-tail")  # fine-tuning text: after CALIB_CHARS, or WikiText-2 test from 300,000 on
 FT_KINDS = ("lrc", "full", "lora")  # lora: the dense model through `--optimizer lora` (peft), when it exists
 
 
@@ -199,9 +201,12 @@ def phase_ppl(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------ fine-tuning
 def _ft_text(args: argparse.Namespace) -> Path:
-    """The fine-tuning text: pydoc prose after the part that calibration may use, as a file for `finetune`."""
-    path = args.out / "finetune_text.txt"
-    text = pydoc_text()[CALIB_CHARS:]
+    """The fine-tuning text, as a file for `finetune`: pydoc prose after the part calibration may use, or the
+    WikiText-2 test text after the evaluated head and the wikitext2-tail calibration slice (both < 300,000)."""
+    if args.ft_data == "pydoc":
+        path, text = args.out / "finetune_text.txt", pydoc_text()[CALIB_CHARS:]
+    else:
+        path, text = args.out / "finetune_wikitext2_tail.txt", _wiki(args).read_text(encoding="utf-8")[300_000:]
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
     return path
@@ -251,6 +256,7 @@ def _ft_jobs(args: argparse.Namespace) -> dict[str, tuple[str, str, int, float, 
     """name -> (kind, model, steps, lr, extra CLI args) for --ft-jobs × --ft-budgets × --ft-mults."""
     jobs = {}
     label = variant(args, args.ft_mode)
+    tag = ("" if args.ft_data == "pydoc" else f"@ft-{args.ft_data}") + args.ft_tag
     for kind in args.ft_jobs:
         for mult in args.ft_mults:
             steps = args.ft_steps * mult
@@ -259,13 +265,13 @@ def _ft_jobs(args: argparse.Namespace) -> dict[str, tuple[str, str, int, float, 
                     ckpt = _ckpt_dir(label, b)
                     if not ckpt.exists():
                         raise SystemExit(f"{ckpt} missing: run --phase ppl first (it saves the {b:.0%} WeLore model).")
-                    jobs[f"lrc-{args.ft_optimizer}@{label}-{b:.0%}x{mult}{args.ft_tag}"] = (
+                    jobs[f"lrc-{args.ft_optimizer}@{label}-{b:.0%}x{mult}{tag}"] = (
                         kind, str(ckpt), steps, args.ft_lr, ["--optimizer", args.ft_optimizer])
             elif kind == "full":
-                jobs[f"full-adamw-x{mult}{args.ft_tag}"] = (kind, "smollm2", steps, args.ft_lr_full,
+                jobs[f"full-adamw-x{mult}{tag}"] = (kind, "smollm2", steps, args.ft_lr_full,
                                                             ["--optimizer", "adamw", "--full"])
             else:  # LoRA on the dense model (peft), at a rank chosen by --ft-lora-rank
-                jobs[f"lora-r{args.ft_lora_rank}-x{mult}{args.ft_tag}"] = (
+                jobs[f"lora-r{args.ft_lora_rank}-x{mult}{tag}"] = (
                     kind, "smollm2", steps, args.ft_lr_lora,
                     ["--optimizer", "lora", "--rank", str(args.ft_lora_rank), "--full"])
     return jobs
@@ -285,7 +291,7 @@ def phase_finetune(args: argparse.Namespace, results: dict[str, Any]) -> None:
             return
         budget = next((b for b in args.ft_budgets if f"-{b:.0%}x" in name), None) if kind == "lrc" else None
         ft[name] = r | {"kind": kind, "budget": budget, "mode": variant(args, args.ft_mode) if kind == "lrc" else None,
-                        "lr": lr, "model": model}
+                        "lr": lr, "model": model, "ft_data": args.ft_data}
         _save(args.results, results, "finetune")
 
 
@@ -357,6 +363,8 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="whitening ridge(s), a share of the Gram's mean diagonal; the first is the one reported and "
                         "fine-tuned, the others are a sweep on the same statistics")
     p.add_argument("--ft-budgets", type=_floats, default=[0.2, 0.3], help="compressed models fine-tuned (and saved)")
+    p.add_argument("--ft-data", choices=FT_SOURCES, default="pydoc", help="fine-tuning text (runs of another "
+                   "text get an @ft-<text> suffix)")
     p.add_argument("--ft-mode", default="whiten", help="which compressed model to fine-tune: whiten or free")
     p.add_argument("--ft-steps", type=int, default=40, help="steps of the 1x token budget")
     p.add_argument("--ft-mults", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],

@@ -71,7 +71,7 @@ def ppl_tables(args: argparse.Namespace, results: dict[str, Any], primary: str) 
 
 def finetune_table(results: dict[str, Any]) -> list[str]:
     ft, ts, runs, dense = (results.get(k, {}) for k in ("finetune", "train_speed", "runs", "dense"))
-    lines = ["| fine-tune on pydoc text | tokens | lr | wikitext2 before → after | gap closed | shakespeare before → "
+    lines = ["| fine-tune (on pydoc text unless @ft-…) | tokens | lr | wikitext2 before → after | gap closed | shakespeare before → "
              "after | gap closed | loss first → last | trainable params | optimizer state | peak RSS | train tokens/s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in ft.items():
