@@ -348,6 +348,9 @@ def test_sentencepiece_model_file_as_tokenizer(tmp_path: Path, small_text: Path)
     cfg = DataConfig(path=str(small_text), block_size=32, tokenizer=f"{prefix}.model")
     data = prepare_data(cfg, batch_size=2, seed=0)
     assert data.tokenizer.vocab_size == 300 and data.tokenizer.eos_id == 2
+    # LLaMA's convention for a SentencePiece model that defines <s>: every block starts with it
+    assert data.tokenizer.bos_id == 1 and bool((data.val[:, 0] == 1).all()) and data.val.shape[1] == 32
+    assert bool((data.train.next_batch()[:, 0] == 1).all())
     assert int(np.asarray(data.train.blocks).max()) < 300
     data.tokenizer.save(tmp_path / "saved")
     assert (tmp_path / "saved" / "tokenizer.model").exists()

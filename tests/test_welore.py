@@ -371,3 +371,74 @@ def test_top_level_api_is_callable_every_time(tmp_path):
         rep = gradlore.compress(tiny_llama(), remove=0.2, cache_dir=tmp_path)
         assert rep.removed_fraction >= 0.2
     assert gradlore.load_compressed is load_compressed
+
+
+def tiny_gemma3():
+    """Gemma-3: tied embedding scaled by √hidden inside its module (Gemma3TextScaledWordEmbedding), q/k norms."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                           sliding_window=16, tie_word_embeddings=True)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+def test_scaled_embedding_keeps_its_scale_at_full_rank_and_through_save_load(tmp_path):
+    from gradlore.compress.lowrank_linear import LowRankEmbedding
+    from gradlore.compress.welore import _factorize, _set_module
+
+    torch.manual_seed(0)
+    model = tiny_gemma3()
+    emb = model.get_input_embeddings()
+    assert float(emb.embed_scale) == pytest.approx(64**0.5)
+    x = torch.randint(0, VOCAB, (2, 24))
+    with torch.no_grad():
+        dense = model(input_ids=x).logits
+    # full rank: the factored embedding (and the tied head sharing its factors) reproduce the dense model
+    new = _factorize(emb, "model.embed_tokens", 64, None, None)
+    _set_module(model, "model.embed_tokens", new)
+    _set_module(model, "lm_head", new.tied_head())
+    with torch.no_grad():
+        full = model(input_ids=x).logits
+        torch.testing.assert_close(full, dense, rtol=1e-4, atol=1e-4 * float(dense.abs().max()))
+        new.embed_scale = None  # what the replacement did before: the factor is lost and the logits with it
+        assert not torch.allclose(model(input_ids=x).logits, dense, rtol=1e-2, atol=1e-2 * float(dense.abs().max()))
+
+    torch.manual_seed(0)
+    model = tiny_gemma3()
+    rep = compress(model, remove=0.5, include_embeddings=True, cache_dir=tmp_path)
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, LowRankEmbedding) and float(emb.embed_scale) == pytest.approx(8.0), rep.layers[0]
+    with torch.no_grad():
+        logits = model(input_ids=x).logits
+    out = save_compressed(model, tmp_path / "out")
+    assert json.loads((out / "welore.json").read_text())["layers"]["model.embed_tokens"]["embed_scale"] == 8.0
+    loaded = load_compressed(out)
+    assert float(loaded.get_input_embeddings().embed_scale) == 8.0
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=x).logits, logits)
+
+
+def test_a_module_doing_more_than_its_replacement_is_refused(tmp_path):
+    class Shifted(torch.nn.Embedding):
+        def forward(self, ids):  # noqa: ANN001, ANN201
+            return super().forward(ids) + 1.0
+
+    class Clamped(torch.nn.Linear):
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return super().forward(x).clamp(-0.01, 0.01)
+
+    torch.manual_seed(0)
+    model = tiny_llama(tied=False)
+    old = model.model.embed_tokens
+    model.model.embed_tokens = Shifted(old.num_embeddings, old.embedding_dim)
+    with pytest.raises(UserError, match="embed_tokens.*Shifted.*drop --include-embeddings"):
+        compress(model, remove=0.3, include_embeddings=True, cache_dir=tmp_path)
+    compress(model, remove=0.3, cache_dir=tmp_path)  # without the embedding: fine
+    model = tiny_llama(tied=False)
+    q = model.model.layers[0].self_attn.q_proj
+    clamped = Clamped(q.in_features, q.out_features, bias=False)
+    model.model.layers[0].self_attn.q_proj = clamped
+    with pytest.raises(UserError, match=r"layers\.0\.self_attn\.q_proj.*Clamped"):
+        compress(model, remove=0.3, cache_dir=tmp_path)
+    assert model.model.layers[0].self_attn.q_proj is clamped  # nothing replaced

@@ -1,16 +1,22 @@
-"""WeLore benchmark on a real model (arXiv 2407.11239): SmolLM2-135M-Instruct, perplexity on WikiText-2.
+"""WeLore benchmark on a real model (arXiv 2407.11239): SmolLM2-135M-Instruct, perplexity on two corpora.
 
+    gradlore bench welore --phase calib      # calibration statistics: shared XᵀX products vs one per layer
     gradlore bench welore --phase ppl        # dense + {welore, uniform} × {data-free, data-aware} × budgets
     gradlore bench welore --phase finetune   # LRC-only vs full fine-tuning (`gradlore finetune` runs)
     gradlore bench welore --phase speed      # training and CPU inference tokens/s, compressed vs dense
     gradlore bench welore --phase report     # markdown tables + perplexity-vs-budget plot
 
-Corpora: evaluation = ../shared/data/wikitext2-raw-test.txt (first ``--eval-tokens`` tokens, windows of
-``--context`` with ``--stride``); calibration for the data-aware variant and fine-tuning = CPython's
-``pydoc_data.topics`` (the language reference prose shipped with every Python), calibration from the first
-``--calib-tokens`` tokens of its first ``CALIB_CHARS`` characters and fine-tuning on the characters after
-them, so the two never overlap and neither overlaps WikiText.
-Results accumulate in ``--out``/results.json; every phase can be rerun alone.
+Evaluation: the first ``--eval-tokens`` tokens of ../shared/data/wikitext2-raw-test.txt and of the packaged
+tiny-shakespeare, windows of ``--context`` with ``--stride``, each window starting as the tokenizer says
+(SmolLM2's adds no BOS). Calibration of the data-aware variant (``--calib``): ``pydoc`` = CPython's
+``pydoc_data.topics`` (the language reference prose shipped with every Python), its first ``CALIB_CHARS``
+characters; ``wikitext2-tail`` = WikiText-2 test from character 200,000 on and ``shakespeare-tail`` = the
+packaged text from character 100,000 on (in-domain, disjoint from the evaluated heads). Fine-tuning reads
+the pydoc characters after ``CALIB_CHARS`` (``--ft-data pydoc``) or WikiText-2 test from character 300,000 on
+(``--ft-data wikitext2-tail``, in-domain), so it never overlaps calibration or evaluation.
+Results accumulate in ``--out``/results.json and finished work is reused: every phase can be rerun alone,
+and ``--budget-s`` stops starting new work after that many seconds (a running fine-tune is interrupted, it
+checkpoints, and the next invocation resumes it), so a long benchmark runs in short chunks.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import argparse
 import copy
 import gc
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -27,19 +34,24 @@ from typing import Any
 
 import torch
 
+from gradlore.bench.welore_report import phase_report, variant
 from gradlore.cache import cache_dir
 from gradlore.compress.eval import perplexity, read_text, tokenize
 from gradlore.compress.spectrum import collect_activation_stats, find_targets
 from gradlore.compress.welore import compress, save_compressed, text_blocks
-from gradlore.data.tokenizer import load_tokenizer
+from gradlore.data.corpora import resolve_corpus
+from gradlore.data.tokenizer import load_tokenizer, sequence_bos
 from gradlore.errors import UserError
 from gradlore.models import load_model, smollm2
+from gradlore.optim.build import optimizer_names
 from gradlore.train.rundir import read_losses
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 METHODS = ("welore", "uniform")
 CALIB_CHARS = 160_000  # calibration reads the first --calib-tokens tokens of this head; fine-tuning the rest
-MODES = (None, "whiten")
+CALIB_SOURCES = ("pydoc", "wikitext2-tail", "shakespeare-tail")
+FT_SOURCES = ("pydoc", "wikitext2-tail")  # fine-tuning text: after CALIB_CHARS, or WikiText-2 test from 300,000 on
+FT_KINDS = ("lrc", "full", "lora")  # lora: the dense model through `--optimizer lora` (peft), when it exists
 
 
 def _wiki(args: argparse.Namespace) -> Path:
@@ -53,6 +65,28 @@ def pydoc_text() -> str:
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def calib_text(args: argparse.Namespace) -> str:
+    if args.calib == "pydoc":
+        return pydoc_text()[:CALIB_CHARS]
+    if args.calib == "wikitext2-tail":
+        return _wiki(args).read_text(encoding="utf-8")[200_000:]
+    return resolve_corpus("tiny-shakespeare").read_text(encoding="utf-8")[100_000:]
+
+
+def eval_sets(args: argparse.Namespace, tok: Any) -> dict[str, torch.Tensor]:
+    """Corpus name -> the first --eval-tokens ids (no special tokens; `perplexity` adds the BOS if any)."""
+    n = args.eval_tokens
+    texts = {"wikitext2": read_text(_wiki(args), max_chars=n * 16),
+             "shakespeare": resolve_corpus("tiny-shakespeare").read_text(encoding="utf-8")[: n * 16]}
+    return {name: tokenize(tok, text, n) for name, text in texts.items()}
+
+
+def ppls(model: torch.nn.Module, sets: dict[str, torch.Tensor], args: argparse.Namespace, bos: int | None
+         ) -> dict[str, float]:
+    return {name: perplexity(model, ids, args.context, args.stride, batch_size=args.batch_size, bos=bos).perplexity
+            for name, ids in sets.items()}
 
 
 def _load(results_path: Path) -> dict[str, Any]:
@@ -69,86 +103,143 @@ def _save(results_path: Path, results: dict[str, Any], *keys: str) -> None:
     tmp.replace(results_path)
 
 
-def _ckpt_dir(args: argparse.Namespace, method: str, mode: str | None, budget: float) -> Path:
-    return cache_dir() / "bench" / f"smollm2-{method}-{mode or 'free'}-{int(round(budget * 100))}"
+def _ckpt_dir(label: str, budget: float) -> Path:
+    return cache_dir() / "bench" / f"smollm2-welore-{label}-{int(round(budget * 100))}"
+
+
+def _left(args: argparse.Namespace) -> float:
+    return args.deadline - time.monotonic()
+
+
+# ------------------------------------------------------------------------------------ calibration cost
+def phase_calib(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Shared products (the memo) against one product per layer on the real model: time, equal Grams."""
+    dense = load_model("smollm2")
+    tok = load_tokenizer(str(smollm2()))
+    blocks = text_blocks(tok, calib_text(args), args.calib_tokens, 512, sequence_bos(tok))
+    modules = find_targets(dense)
+
+    def timed(share: bool) -> tuple[float, Any]:
+        t = time.perf_counter()
+        stats = collect_activation_stats(dense, modules, blocks, share_inputs=share)
+        print(f"share_inputs={share}: {time.perf_counter() - t:.1f} s", flush=True)
+        return time.perf_counter() - t, stats
+
+    t_shared, a = timed(True)
+    t_plain, b = timed(False)
+    equal = sum(torch.equal(a.gram[n], b.gram[n]) and torch.equal(a.abs_sum[n], b.abs_sum[n]) for n in a.gram)
+    del b
+    gc.collect()
+    t_again, c = timed(True)  # a second shared pass: the first is not only a cold start, and it repeats bit for bit
+    again = sum(torch.equal(a.gram[n], c.gram[n]) for n in a.gram)
+    results["calib"] = {"tokens": a.tokens, "layers": len(a.gram), "equal_to_per_layer": equal, "equal_rerun": again,
+                        "shared_s": [t_shared, t_again], "per_layer_s": [t_plain], "calib": args.calib}
+    print(results["calib"], flush=True)
+    _save(args.results, results, "calib")
 
 
 # ------------------------------------------------------------------------------------------ perplexities
 def phase_ppl(args: argparse.Namespace, results: dict[str, Any]) -> None:
     dense = load_model("smollm2")
     tok = load_tokenizer(str(smollm2()))
-    ids = tokenize(tok, read_text(_wiki(args), max_chars=args.eval_tokens * 16), args.eval_tokens)
-    t0 = time.perf_counter()
-    res = perplexity(dense, ids, args.context, args.stride, batch_size=args.batch_size)
-    results["setup"] = {"eval_tokens": int(ids.numel()), "tokens_scored": res.tokens_scored, "context": args.context,
-                        "stride": args.stride or args.context, "calib_tokens": args.calib_tokens, "damping": args.damping,
-                        "eval_data": _wiki(args).name, "calib_data": "pydoc_data.topics"}
-    results["dense"] = {"perplexity": res.perplexity, "params": sum(p.numel() for p in dense.parameters())}
-    print(f"dense: ppl {res.perplexity:.2f} on {res.tokens_scored} tokens ({time.perf_counter() - t0:.0f} s)", flush=True)
-    calib = text_blocks(tok, pydoc_text()[:CALIB_CHARS], args.calib_tokens, 512)
+    bos = sequence_bos(tok)
+    sets = eval_sets(args, tok)
+    if "dense" not in results or args.redo:
+        t0 = time.perf_counter()
+        dp = ppls(dense, sets, args, bos)
+        results["setup"] = {"eval_tokens": {k: int(v.numel()) for k, v in sets.items()}, "context": args.context,
+                            "stride": args.stride or args.context, "eval_data": _wiki(args).name, "bos": bos}
+        results["dense"] = {"perplexity": dp["wikitext2"], "ppl": dp, "params": sum(p.numel() for p in dense.parameters())}
+        print(f"dense: {dp} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        _save(args.results, results, "setup", "dense")
     runs = results.setdefault("runs", {})
     for mode in args.modes:
+        ridges = args.dampings if mode == "whiten" else [None]  # one statistics pass serves every ridge
+        todo = [(d, b, m) for d in ridges for b in args.budgets for m in args.methods
+                if f"{m}|{variant(args, mode, d)}|{b}" not in runs or args.redo]
+        if not todo:
+            continue
         stats = None
         if mode is not None:
+            if _left(args) < 240:
+                print("time budget reached; rerun to continue", flush=True)
+                return
             t = time.perf_counter()
-            stats = collect_activation_stats(dense, find_targets(dense), calib)
-            print(f"calibration statistics on {stats.tokens} tokens: {time.perf_counter() - t:.0f} s", flush=True)
-        svd_cache: dict[str, tuple[torch.Tensor, ...]] = {}  # one SVD per weight, reused by every budget
-        for budget in args.budgets:
-            for method in METHODS:
-                key = f"{method}|{mode or 'free'}|{budget}"
-                if key in runs and not args.redo:
-                    continue
-                model = copy.deepcopy(dense)
-                t = time.perf_counter()
-                rep = compress(model, remove=budget, method=method, data_aware=mode, activation_stats=stats,
-                               svd_cache=svd_cache, damping=args.damping if mode == "whiten" else None)
-                tc = time.perf_counter() - t
-                r = perplexity(model, ids, args.context, args.stride, batch_size=args.batch_size)
-                runs[key] = {
-                    "method": method, "mode": mode or "free", "budget": budget, "perplexity": r.perplexity,
-                    "removed": rep.removed_fraction, "rank_reduction": rep.rank_reduction, "n_lrc": rep.n_lrc,
-                    "n_targets": rep.n_targets, "model_params": rep.model_params_after, "compress_s": tc,
-                    "threshold": rep.threshold, "damping": args.damping if mode == "whiten" else None,
-                }
-                print(f"{key}: ppl {r.perplexity:,.1f}; removed {rep.removed_fraction:.3f}, ERR "
-                      f"{rep.rank_reduction:.3f}, {rep.n_lrc}/{rep.n_targets} LRC, compress {tc:.0f} s", flush=True)
-                if method == "welore" and budget in (args.ft_budget, max(args.budgets)):  # for finetune/speed
-                    save_compressed(model, _ckpt_dir(args, method, mode, budget), tokenizer=tok, overwrite=True)
-                _save(args.results, results, "setup", "dense", "runs")
-                del model
-                gc.collect()
+            blocks = text_blocks(tok, calib_text(args), args.calib_tokens, 512, bos)
+            stats = collect_activation_stats(dense, find_targets(dense), blocks)
+            print(f"calibration statistics on {stats.tokens} tokens ({args.calib}): {time.perf_counter() - t:.0f} s",
+                  flush=True)
+        svd_cache: dict = {}  # one SVD per weight, reused by every budget (keyed by weights, statistics, ridge)
+        for damping, budget, method in todo:
+            if _left(args) < args.min_left:
+                print("time budget reached; rerun to continue", flush=True)
+                return
+            label = variant(args, mode, damping)
+            key = f"{method}|{label}|{budget}"
+            model = copy.deepcopy(dense)
+            t = time.perf_counter()
+            rep = compress(model, remove=budget, method=method, data_aware=mode, activation_stats=stats,
+                           svd_cache=svd_cache, damping=damping)
+            tc = time.perf_counter() - t
+            p = ppls(model, sets, args, bos)
+            runs[key] = {
+                "method": method, "mode": label, "budget": budget, "perplexity": p["wikitext2"], "ppl": p,
+                "removed": rep.removed_fraction, "rank_reduction": rep.rank_reduction, "n_lrc": rep.n_lrc,
+                "n_targets": rep.n_targets, "model_params": rep.model_params_after, "compress_s": tc,
+                "threshold": rep.threshold, "ranks": {r["name"]: r["rank"] for r in rep.layers},
+            }
+            print(f"{key}: ppl {p}; removed {rep.removed_fraction:.3f}, ERR {rep.rank_reduction:.3f}, "
+                  f"{rep.n_lrc}/{rep.n_targets} LRC, compress {tc:.0f} s", flush=True)
+            if method == "welore" and budget in args.ft_budgets:  # for finetune / speed
+                save_compressed(model, _ckpt_dir(label, budget), tokenizer=tok, overwrite=True)
+            _save(args.results, results, "runs")
+            del model
+            gc.collect()
         del svd_cache, stats
         gc.collect()
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning
 def _ft_text(args: argparse.Namespace) -> Path:
-    """The fine-tuning text: pydoc prose after the part that calibration may use, as a file for `finetune`."""
-    path = args.out / "finetune_text.txt"
-    text = pydoc_text()[CALIB_CHARS:]
+    """The fine-tuning text, as a file for `finetune`: pydoc prose after the part calibration may use, or the
+    WikiText-2 test text after the evaluated head and the wikitext2-tail calibration slice (both < 300,000)."""
+    if args.ft_data == "pydoc":
+        path, text = args.out / "finetune_text.txt", pydoc_text()[CALIB_CHARS:]
+    else:
+        path, text = args.out / "finetune_wikitext2_tail.txt", _wiki(args).read_text(encoding="utf-8")[300_000:]
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
     return path
 
 
-def _finetune(name: str, args: argparse.Namespace, model: str, steps: int, lr: float, full: bool,
-              evaluate: bool) -> dict[str, Any]:
-    """One `gradlore finetune` process (so that its peak memory is its own); perplexity of its final model."""
+def _finetune(name: str, args: argparse.Namespace, model: str, steps: int, lr: float, extra: list[str],
+              evaluate: bool) -> dict[str, Any] | None:
+    """One `gradlore finetune` process (its peak memory is its own), resumed if a chunk interrupted it;
+    None when the time budget interrupted it again. Perplexities of its final model on both corpora."""
     out = args.out / "runs" / name
-    cmd = [sys.executable, "-m", "gradlore.cli", "finetune", "--model", model, "--data", str(_ft_text(args)),
-           "--steps", str(steps), "--batch-size", str(args.ft_batch), "--block-size", str(args.ft_seq),
-           "--lr", str(lr), "--optimizer", "adamw" if full else args.ft_optimizer, "--out", str(out), "--overwrite",
-           "--set", "schedule.warmup_steps=5", "--set", f"train.threads={args.threads}", "--set", "train.progress=false",
-           "--set", f"train.eval_every={steps}", "--set", f"train.save_final_model={str(evaluate).lower()}"]
-    cmd += ["--full"] if full else []
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    sys.stdout.write(proc.stdout[-1500:])
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"fine-tune run {name} failed")
-    s = json.loads((out / "summary.json").read_text())
+    summary = out / "summary.json"
+    done = summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
+    if not done:
+        resume = (out / "checkpoints").exists() and (out / "config.json").exists()
+        cmd = [sys.executable, "-m", "gradlore.cli", "finetune", "--model", model, "--data", str(_ft_text(args)),
+               "--steps", str(steps), "--batch-size", str(args.ft_batch), "--block-size", str(args.ft_seq),
+               "--lr", str(lr), "--out", str(out), *(["--resume"] if resume else ["--overwrite"]),
+               "--set", "schedule.warmup_steps=5", "--set", f"train.threads={args.threads}",
+               "--set", "train.progress=false", "--set", f"train.eval_every={steps}", "--set", "train.ckpt_every=20",
+               "--set", f"train.save_final_model={str(evaluate).lower()}", *extra]
+        print("$", " ".join(cmd), flush=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            stdout, _ = proc.communicate(timeout=max(_left(args), 1))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits 130
+            stdout, _ = proc.communicate()
+            print(f"{name}: interrupted by the time budget (checkpointed); rerun to continue", flush=True)
+            return None
+        sys.stdout.write(stdout[-1500:])
+        if proc.returncode != 0:
+            raise SystemExit(f"fine-tune run {name} failed (exit {proc.returncode})")
+    s = json.loads(summary.read_text())
     r = {"tokens": s["tokens"], "trainable_params": s["trainable_params"], "total_params": s["params"],
          "optimizer_state_bytes": s["opt_state_bytes"], "grad_bytes": 4 * s["trainable_params"],
          "peak_memory_bytes": s["peak_rss_bytes"], "tokens_per_s": s["tokens_per_s_median"], "steps": s["steps"]}
@@ -156,27 +247,51 @@ def _finetune(name: str, args: argparse.Namespace, model: str, steps: int, lr: f
     r["first_loss"], r["last_loss"] = losses[0], losses[-1]
     if evaluate:
         tok = load_tokenizer(str(out / "final"))
-        ids = tokenize(tok, read_text(_wiki(args), max_chars=args.eval_tokens * 16), args.eval_tokens)
-        r["perplexity_after"] = perplexity(load_model(out / "final"), ids, args.context, args.context).perplexity
+        p = ppls(load_model(out / "final"), eval_sets(args, tok), args, sequence_bos(tok))
+        r["perplexity_after"], r["ppl_after"] = p["wikitext2"], p
     return r
 
 
-def _ft_jobs(args: argparse.Namespace) -> dict[str, tuple[str, float, bool]]:
-    ckpt = _ckpt_dir(args, "welore", args.ft_mode, args.ft_budget)
-    if not ckpt.exists():
-        raise SystemExit(f"{ckpt} missing: run --phase ppl first (it saves the {args.ft_budget:.0%} WeLore model).")
-    return {f"lrc-{args.ft_optimizer}{args.ft_tag}": (str(ckpt), args.ft_lr, False),
-            "full-adamw": ("smollm2", args.ft_lr_full, True)}
+def _ft_jobs(args: argparse.Namespace) -> dict[str, tuple[str, str, int, float, list[str]]]:
+    """name -> (kind, model, steps, lr, extra CLI args) for --ft-jobs × --ft-budgets × --ft-mults."""
+    jobs = {}
+    label = variant(args, args.ft_mode)
+    tag = ("" if args.ft_data == "pydoc" else f"@ft-{args.ft_data}") + args.ft_tag
+    for kind in args.ft_jobs:
+        for mult in args.ft_mults:
+            steps = args.ft_steps * mult
+            if kind == "lrc":
+                for b in args.ft_budgets:
+                    ckpt = _ckpt_dir(label, b)
+                    if not ckpt.exists():
+                        raise SystemExit(f"{ckpt} missing: run --phase ppl first (it saves the {b:.0%} WeLore model).")
+                    jobs[f"lrc-{args.ft_optimizer}@{label}-{b:.0%}x{mult}{tag}"] = (
+                        kind, str(ckpt), steps, args.ft_lr, ["--optimizer", args.ft_optimizer])
+            elif kind == "full":
+                jobs[f"full-adamw-x{mult}{tag}"] = (kind, "smollm2", steps, args.ft_lr_full,
+                                                            ["--optimizer", "adamw", "--full"])
+            else:  # LoRA on the dense model (peft), at a rank chosen by --ft-lora-rank
+                jobs[f"lora-r{args.ft_lora_rank}-x{mult}{tag}"] = (
+                    kind, "smollm2", steps, args.ft_lr_lora,
+                    ["--optimizer", "lora", "--rank", str(args.ft_lora_rank), "--full"])
+    return jobs
 
 
 def phase_finetune(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """Perplexity after fine-tuning on the same tokens."""
-    for name, (model, lr, full) in _ft_jobs(args).items():
-        if name.split("-")[0] not in args.ft_jobs:
+    """Perplexity after fine-tuning on the same tokens (and on --ft-mults times as many)."""
+    ft = results.setdefault("finetune", {})
+    for name, (kind, model, steps, lr, extra) in _ft_jobs(args).items():
+        if name in ft and not args.redo:
             continue
-        r = _finetune(name, args, model, args.ft_steps, lr, full, evaluate=True)
-        ft = results.setdefault("finetune", {})
-        ft[name] = r | {"budget": args.ft_budget, "mode": args.ft_mode or "free", "lr": lr}
+        if _left(args) < args.min_left:
+            print("time budget reached; rerun to continue", flush=True)
+            return
+        r = _finetune(name, args, model, steps, lr, extra, evaluate=True)
+        if r is None:
+            return
+        budget = next((b for b in args.ft_budgets if f"-{b:.0%}x" in name), None) if kind == "lrc" else None
+        ft[name] = r | {"kind": kind, "budget": budget, "mode": variant(args, args.ft_mode) if kind == "lrc" else None,
+                        "lr": lr, "model": model, "ft_data": args.ft_data}
         _save(args.results, results, "finetune")
 
 
@@ -201,17 +316,21 @@ def _speed(model: torch.nn.Module, ids: torch.Tensor, repeats: int, new_tokens: 
 def phase_speed(args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Timed: fine-tuning tokens/s and peak memory (fresh processes), then inference tokens/s (exclusive lock)."""
     ts = results.setdefault("train_speed", {})
-    for name, (model, lr, full) in _ft_jobs(args).items():
-        ts[name] = _finetune(f"speed-{name}", args, model, args.speed_steps, lr, full, evaluate=False)
+    for name, (_, model, _, lr, extra) in _ft_jobs(args).items():
+        r = _finetune(f"speed-{name}", args, model, args.speed_steps, lr, extra, evaluate=False)
+        if r is None:
+            return
+        ts[name] = r
         _save(args.results, results, "train_speed")
     tok = load_tokenizer(str(smollm2()))
     ids = tokenize(tok, read_text(_wiki(args), max_chars=args.context * 16), args.context)
     sp = results.setdefault("speed", {})
     models = {"dense": "smollm2"}
-    for budget in args.budgets:
-        ck = _ckpt_dir(args, "welore", args.ft_mode, budget)
+    label = variant(args, args.ft_mode)
+    for budget in args.ft_budgets:
+        ck = _ckpt_dir(label, budget)
         if ck.exists():
-            models[f"welore-{args.ft_mode or 'free'}-{budget}"] = str(ck)
+            models[f"welore-{label}-{budget}"] = str(ck)
     for name, path in models.items():
         model = load_model(path)
         sp[name] = _speed(model, ids, args.speed_repeats, args.new_tokens) | {
@@ -222,137 +341,72 @@ def phase_speed(args: argparse.Namespace, results: dict[str, Any]) -> None:
         gc.collect()
 
 
-# ----------------------------------------------------------------------------------------------- report
-def phase_report(args: argparse.Namespace, results: dict[str, Any]) -> str:
-    lines = []
-    setup, dense = results.get("setup", {}), results.get("dense", {})
-    runs = results.get("runs", {})
-    if runs:
-        lines.append(f"Perplexity on {setup.get('eval_data')} (first {setup.get('eval_tokens'):,} tokens, context "
-                     f"{setup.get('context')}, stride {setup.get('stride')}, {setup.get('tokens_scored'):,} tokens scored); "
-                     f"dense {dense.get('perplexity', float('nan')):.2f} ({dense.get('params', 0):,} params). "
-                     f"Data-aware = activation-whitened SVD, calibration {setup.get('calib_tokens'):,} tokens of "
-                     f"{setup.get('calib_data')}.\n")
-        lines.append("| removed (targeted) | WeLore data-free | uniform data-free | WeLore data-aware | uniform data-aware "
-                     "| ERR (WeLore free / aware) | LRC of 210 (free / aware) | model params (WeLore free) |")
-        lines.append("|---|---|---|---|---|---|---|---|")
-        for b in args.budgets:
-            g = {(r["method"], r["mode"]): r for r in runs.values() if r["budget"] == b}
-            if not g:
-                continue
-
-            def ppl(k: tuple[str, str], g: dict = g) -> str:
-                return f"{g[k]['perplexity']:,.1f}" if k in g else "–"
-
-            def fld(k: tuple[str, str], f: str, fmt: str, g: dict = g) -> str:
-                return format(g[k][f], fmt) if k in g else "–"
-
-            lines.append(
-                f"| {b:.0%} | {ppl(('welore', 'free'))} | {ppl(('uniform', 'free'))} | {ppl(('welore', 'whiten'))} | "
-                f"{ppl(('uniform', 'whiten'))} | {fld(('welore', 'free'), 'rank_reduction', '.1%')} / "
-                f"{fld(('welore', 'whiten'), 'rank_reduction', '.1%')} | {fld(('welore', 'free'), 'n_lrc', 'd')} / "
-                f"{fld(('welore', 'whiten'), 'n_lrc', 'd')} | {fld(('welore', 'free'), 'model_params', ',')} |"
-            )
-        _plot(args, results)
-    ft, ts = results.get("finetune", {}), results.get("train_speed", {})
-    if ft:
-        mib = 1 << 20
-        base = next((r["perplexity"] for r in runs.values() if r["method"] == "welore"
-                     and r["mode"] == (args.ft_mode or "free") and r["budget"] == args.ft_budget), float("nan"))
-        lines.append("")
-        lines.append("| fine-tune on pydoc text | tokens | lr | ppl before | ppl after | loss first → last | trainable params "
-                     "| optimizer state | grads | peak RSS (timed run) | train tokens/s (timed run) |")
-        lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
-        for name, r in ft.items():
-            before = base if name.startswith("lrc") else dense.get("perplexity", float("nan"))
-            t = ts.get(name, ts.get(name.split("@")[0], {}))
-            lines.append(
-                f"| {name} | {r['tokens']:,} | {r.get('lr', '')} | {before:,.1f} | {r.get('perplexity_after', float('nan')):,.1f} | "
-                f"{r['first_loss']:.2f} → {r['last_loss']:.2f} | {r['trainable_params']:,} | "
-                f"{r['optimizer_state_bytes'] / mib:.0f} MiB | {r['grad_bytes'] / mib:.0f} MiB | "
-                f"{t.get('peak_memory_bytes', 0) / mib:,.0f} MiB | {t.get('tokens_per_s', float('nan')):.0f} |"
-            )
-    sp = results.get("speed", {})
-    if sp:
-        lines.append("")
-        lines.append("| CPU inference (2 threads) | params | prefill tokens/s (1×512) | decode tokens/s (greedy, batch 1) |")
-        lines.append("|---|---|---|---|")
-        for name, r in sp.items():
-            lines.append(f"| {name} | {r['params']:,} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} |")
-    text = "\n".join(lines)
-    (args.out / "table.md").write_text(text + "\n")
-    print(text)
-    return text
-
-
-def _plot(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=100)
-    styles = {("welore", "free"): "o-", ("uniform", "free"): "o--", ("welore", "whiten"): "s-", ("uniform", "whiten"): "s--"}
-    for (method, mode), style in styles.items():
-        pts = sorted((r["budget"], r["perplexity"]) for r in results["runs"].values()
-                     if r["method"] == method and r["mode"] == mode)
-        if pts:
-            ax.plot([100 * b for b, _ in pts], [p for _, p in pts], style,
-                    label=f"{'WeLore' if method == 'welore' else 'uniform'} {'data-aware' if mode == 'whiten' else 'data-free'}")
-    ax.axhline(results["dense"]["perplexity"], color="k", lw=0.8, label="dense")
-    ax.set_yscale("log")
-    ax.set_xlabel("% of targeted parameters removed")
-    ax.set_ylabel("WikiText-2 perplexity (log)")
-    ax.set_title("SmolLM2-135M-Instruct", fontsize=10)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(args.out / "welore_ppl_vs_budget.png")
-    plt.close(fig)
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",")]
 
 
 def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--phase", choices=("all", "ppl", "finetune", "speed", "report"), default="all")
+    p.add_argument("--phase", choices=("all", "calib", "ppl", "finetune", "speed", "report"), default="all")
     p.add_argument("--out", type=Path, default=Path("bench_results/welore"))
     p.add_argument("--eval-data", help="default ../shared/data/wikitext2-raw-test.txt")
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--stride", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--budgets", type=lambda s: [float(x) for x in s.split(",")], default=[0.05, 0.1, 0.2, 0.3])
+    p.add_argument("--budgets", type=_floats, default=[0.05, 0.1, 0.2, 0.3])
+    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS), help="welore,uniform")
+    p.add_argument("--calib", choices=CALIB_SOURCES, default="pydoc", help="calibration text of the data-aware variant")
     p.add_argument("--calib-tokens", type=int, default=16384)
-    p.add_argument("--modes", type=lambda s: [None if m == "free" else m for m in s.split(",")], default=list(MODES),
-                   help="free,whiten")
-    p.add_argument("--damping", type=float, default=0.1, help="whitening ridge (share of the Gram's mean diagonal)")
-    p.add_argument("--ft-budget", type=float, default=0.2)
+    p.add_argument("--modes", type=lambda s: [None if m == "free" else m for m in s.split(",")],
+                   default=[None, "whiten"], help="free,whiten")
+    p.add_argument("--damping", dest="dampings", type=_floats, default=[0.1],
+                   help="whitening ridge(s), a share of the Gram's mean diagonal; the first is the one reported and "
+                        "fine-tuned, the others are a sweep on the same statistics")
+    p.add_argument("--ft-budgets", type=_floats, default=[0.2, 0.3], help="compressed models fine-tuned (and saved)")
+    p.add_argument("--ft-data", choices=FT_SOURCES, default="pydoc", help="fine-tuning text (runs of another "
+                   "text get an @ft-<text> suffix)")
     p.add_argument("--ft-mode", default="whiten", help="which compressed model to fine-tune: whiten or free")
-    p.add_argument("--ft-steps", type=int, default=40)
-    p.add_argument("--ft-batch", type=int, default=4)
+    p.add_argument("--ft-steps", type=int, default=40, help="steps of the 1x token budget")
+    p.add_argument("--ft-mults", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4],
+                   help="token budgets as multiples of --ft-steps (same batch and length)")
+    p.add_argument("--ft-batch", type=int, default=2)
     p.add_argument("--ft-seq", type=int, default=256)
-    p.add_argument("--ft-lr", type=float, default=1e-4)
-    p.add_argument("--ft-lr-full", type=float, default=2e-5)
-    p.add_argument("--ft-optimizer", default="adamw")
-    p.add_argument("--ft-tag", default="", help="suffix for the LRC run's name in results.json (e.g. -lr1e-3)")
-    p.add_argument("--ft-jobs", type=lambda s: s.split(","), default=["lrc", "full"], help="lrc,full")
+    p.add_argument("--ft-lr", type=float, default=3e-4, help="LR of LRC-only fine-tuning")
+    p.add_argument("--ft-lr-full", type=float, default=3e-5, help="LR of full fine-tuning")
+    p.add_argument("--ft-lr-lora", type=float, default=1e-4, help="LR of LoRA on the dense model")
+    p.add_argument("--ft-lora-rank", type=int, default=32)
+    p.add_argument("--ft-optimizer", default="adamw", help="optimizer of the LRC runs")
+    p.add_argument("--ft-tag", default="", help="suffix for the runs' names in results.json (e.g. @lr1e-3)")
+    p.add_argument("--ft-jobs", type=lambda s: s.split(","), default=["lrc", "full"], help=",".join(FT_KINDS))
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--speed-steps", type=int, default=6, help="fine-tuning steps timed in the speed phase")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--budget-s", type=float, default=float("inf"),
+                   help="stop starting new work after this many seconds (interrupting a fine-tune, which resumes)")
+    p.add_argument("--min-left", type=float, default=90, help="seconds a new compression / fine-tune needs at least")
     p.add_argument("--redo", action="store_true", help="recompute runs already in results.json")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     args.ft_mode = None if args.ft_mode == "free" else args.ft_mode
+    args.damping = args.dampings[0]
     args.results = args.out / "results.json"
+    args.deadline = time.monotonic() + args.budget_s
+    bad = [k for k in args.ft_jobs if k not in FT_KINDS]
+    if bad:
+        raise UserError(f"--ft-jobs {','.join(bad)}: not one of {', '.join(FT_KINDS)}.")
+    if "lora" in args.ft_jobs and "lora" not in optimizer_names():
+        raise UserError("--ft-jobs lora: this gradlore has no `--optimizer lora` (peft LoRA) yet. "
+                        "Fix: leave lora out of --ft-jobs.")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     results = _load(args.results)
-    if args.phase in ("all", "ppl"):
-        phase_ppl(args, results)
-    if args.phase in ("all", "finetune"):
-        phase_finetune(args, results)
-    if args.phase in ("all", "speed"):
-        phase_speed(args, results)
+    for name, phase in (("calib", phase_calib), ("ppl", phase_ppl), ("finetune", phase_finetune),
+                        ("speed", phase_speed)):
+        if args.phase == name or (args.phase == "all" and name != "calib"):
+            phase(args, results)
     phase_report(args, _load(args.results))
     return 0
 

@@ -4,6 +4,10 @@
     gradlore compress --model DIR --remove 0.1 --data-aware whiten --calibration tiny-shakespeare --out DIR2
     gradlore eval     --model runs/smol-w20 --data wikitext2-raw-test.txt --context 512 --stride 512
 
+Both follow the tokenizer's beginning-of-sequence convention (``--bos auto``): a tokenizer that puts a BOS
+before a text (LLaMA, Gemma) gets one at the start of every calibration block and evaluation window, the
+same for the dense and the compressed model (the compressed folder carries the dense model's tokenizer).
+
 Fine-tuning the low-rank components is a training run: ``gradlore finetune --model DIR`` (gradlore.train.cli).
 """
 
@@ -17,7 +21,7 @@ import torch
 
 from gradlore.compress.eval import perplexity, read_text, tokenize
 from gradlore.compress.welore import compress, count_params, prepare_out_dir, save_compressed
-from gradlore.data.tokenizer import TextTokenizer, load_tokenizer
+from gradlore.data.tokenizer import BOS_CHOICES, TextTokenizer, describe_bos, load_tokenizer, sequence_bos
 from gradlore.errors import UserError
 from gradlore.hf.harness import format_results, run_tasks
 from gradlore.models import load_model, max_positions, resolve_model_path
@@ -70,6 +74,7 @@ def run_compress(args: argparse.Namespace) -> int:
         tokenizer=tokenizer,
         calibration_tokens=args.calibration_tokens,
         calibration_context=args.calibration_context,
+        bos=args.bos,
         damping=args.damping,
         include_head=args.include_head,
         include_embeddings=args.include_embeddings,
@@ -78,6 +83,9 @@ def run_compress(args: argparse.Namespace) -> int:
     )
     out = save_compressed(model, args.out, tokenizer=tokenizer, overwrite=args.overwrite)
     print(report.summary())
+    if args.data_aware:
+        print(f"calibration: {args.calibration_tokens:,} tokens of {args.calibration} in blocks of "
+              f"{args.calibration_context}; {describe_bos(tokenizer, sequence_bos(tokenizer, args.bos), args.bos)}")
     print(f"saved to {out} ({time.perf_counter() - t0:.1f} s)")
     if args.json:
         _print_json({k: v for k, v in report.to_dict().items() if k != "layers"} | {"out": str(out)})
@@ -101,16 +109,19 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--context {args.context} is longer than {args.model} allows ({longest} positions). "
                         f"Fix: --context {longest} or less.")
     tokenizer = _tokenizer(args)
+    bos = sequence_bos(tokenizer, args.bos)
     max_chars = args.max_tokens * 16 if args.max_tokens else None
     ids = tokenize(tokenizer, read_text(args.data, max_chars=max_chars), args.max_tokens)
-    res = perplexity(model, ids, context=args.context, stride=args.stride, batch_size=args.batch_size)
+    res = perplexity(model, ids, context=args.context, stride=args.stride, batch_size=args.batch_size, bos=bos)
     print(
         f"{args.model}: perplexity {res.perplexity:.3f} on {res.tokens_scored:,} tokens of {args.data} "
         f"(context {res.context}, stride {res.stride}, {res.windows} windows, {count_params(model):,} params, "
-        f"{res.seconds:.1f} s)"
+        f"{res.seconds:.1f} s)\n{describe_bos(tokenizer, bos, args.bos)}"
+        + ("; each window is BOS + context − 1 text tokens, the first text token is scored too" if bos is not None else "")
     )
     if args.json:
-        _print_json(res.to_dict() | {"model": str(args.model), "data": str(args.data), "params": count_params(model)})
+        _print_json(res.to_dict() | {"model": str(args.model), "data": str(args.data), "params": count_params(model),
+                                     "bos_choice": args.bos, "bos_note": describe_bos(tokenizer, bos, args.bos)})
     return 0
 
 
@@ -151,6 +162,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--damping", type=float, default=None,
                    help="whiten: ridge added to the activation Gram, as a share of its mean diagonal (default 0.1)")
     p.add_argument("--tokenizer", help="tokenizer folder if not saved with the model")
+    p.add_argument("--bos", choices=BOS_CHOICES, default="auto",
+                   help="BOS at the start of each calibration block: auto (the tokenizer's convention), always, never")
     p.add_argument("--cache-dir", help="spectrum cache root (default $GRADLORE_CACHE or ~/.cache/gradlore)")
     p.add_argument("--spectrum-cache", help="explicit spectrum cache file (checked against the model)")
     p.add_argument("--json", action="store_true", help="also print the report as JSON")
@@ -174,6 +187,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--tokenizer", help="tokenizer folder if not saved with the model")
+    p.add_argument("--bos", choices=BOS_CHOICES, default="auto",
+                   help="BOS at the start of each window: auto (the tokenizer's convention), always, never")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run_eval)

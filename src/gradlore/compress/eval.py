@@ -4,10 +4,19 @@ The token stream x_1..x_N is read in windows of ``context`` tokens whose starts 
 Each token is scored once, in the first window that contains it with at least one token before it, so a
 token scored in window w sees up to ``context − stride`` tokens of left context that were scored earlier:
 
-    PPL = exp( − (1/T) Σ_t log p(x_t | x_{max(1, start_w)} .. x_{t−1}) ),   T = tokens scored = N − 1
+    PPL = exp( − (1/T) Σ_t log p(x_t | x_{max(1, start_w)} .. x_{t−1}) ),   T = tokens scored
+
+(T = N − 1 when windows overlap; disjoint windows cannot score their first token, T = N − windows.)
 
 stride == context gives disjoint blocks (fast, less context per token); a smaller stride gives every scored
 token more context at the cost of recomputing the overlap.
+
+Beginning of sequence: with ``bos`` (the tokenizer's convention, `gradlore.data.tokenizer.sequence_bos`:
+LLaMA-family and Gemma tokenizers add one) every window is ``[BOS] + context − 1`` text tokens, so the model
+reads ``context`` positions as before, starts each window as it started its training sequences, and the first
+text token is scored too (predicted from BOS alone: T = N). The stride then counts text tokens and is at most
+``context − 1``. Dense and compressed models are evaluated alike: the choice comes from the tokenizer saved
+with the model, and `PerplexityResult` records it.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ class PerplexityResult:
     context: int
     stride: int
     seconds: float
+    bos: int | None = None  # id prepended to every window, None when none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,14 +73,15 @@ def tokenize(tokenizer: TextTokenizer, text: str, max_tokens: int | None = None)
     return ids[:max_tokens] if max_tokens else ids
 
 
-def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first_scored) per window; position i of a window predicts token begin+i from its prefix."""
-    if context < 2:
+def windows(n: int, context: int, stride: int, score_first: bool = False) -> list[tuple[int, int, int]]:
+    """(begin, end, first_scored) per window of up to ``context`` text tokens; token begin+i is scored from
+    the window's tokens before it. ``score_first``: token 0 has a prefix too (a BOS in front of each window)."""
+    if context < 2 - score_first:
         raise UserError(f"--context {context} is too short; use at least 2 tokens (e.g. 512).")
     if not 1 <= stride <= context:
         raise UserError(f"--stride {stride} must lie in [1, context={context}] (stride = context: disjoint blocks).")
-    out, scored_until = [], 1  # token 0 has no prefix and is never scored
-    for begin in range(0, max(n - 1, 1), stride):
+    out, scored_until = [], 0 if score_first else 1  # without a BOS, token 0 has no prefix and is never scored
+    for begin in range(0, max(n - 1 + score_first, 1), stride):
         end = min(begin + context, n)
         if end <= scored_until:
             continue
@@ -83,14 +94,17 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, ids: torch.Tensor, context: int = 512, stride: int | None = None, batch_size: int = 4
+    model: nn.Module, ids: torch.Tensor, context: int = 512, stride: int | None = None, batch_size: int = 4,
+    bos: int | None = None,
 ) -> PerplexityResult:
-    """Sliding-window perplexity of ``ids`` (1-D) under ``model``."""
-    stride = stride or context
+    """Sliding-window perplexity of ``ids`` (1-D, no special tokens) under ``model``; ``bos``: an id to put
+    in front of every window (then each holds ``context − 1`` text tokens and the stride is at most that)."""
+    span = context - (bos is not None)  # text tokens per window
+    stride = min(stride or context, span) if bos is not None else (stride or context)
     ids = ids.reshape(-1).long()
-    if ids.numel() < 2:
+    if ids.numel() < 2 - (bos is not None):
         raise UserError("need at least 2 tokens to compute a perplexity; pass more text.")
-    wins = windows(ids.numel(), context, stride)
+    wins = windows(ids.numel(), span, stride, score_first=bos is not None)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -103,10 +117,14 @@ def perplexity(
         for ws in groups.values():
             for i in range(0, len(ws), batch_size):
                 chunk = ws[i : i + batch_size]
-                x = torch.stack([ids[b:e] for b, e, _ in chunk]).to(device)  # (B, L)
+                x = torch.stack([ids[b:e] for b, e, _ in chunk])  # (B, L) text tokens
+                if bos is not None:
+                    x = torch.cat([torch.full((x.shape[0], 1), bos, dtype=x.dtype), x], dim=1)  # (B, 1 + L)
+                x = x.to(device)
                 labels = x.clone()
+                lead = int(bos is not None)  # the BOS column is never a target
                 for row, (_, _, first) in enumerate(chunk):
-                    labels[row, :first] = -100  # already scored in an earlier window (or no prefix)
+                    labels[row, : lead + first] = -100  # already scored in an earlier window (or no prefix)
                 logits = model(input_ids=x).logits  # (B, L, V)
                 nll_sum += float(
                     F.cross_entropy(
@@ -122,5 +140,5 @@ def perplexity(
     nll = nll_sum / count
     return PerplexityResult(
         perplexity=math.exp(nll), nll=nll, tokens_scored=count, windows=len(wins), context=context,
-        stride=stride, seconds=time.perf_counter() - t0,
+        stride=stride, seconds=time.perf_counter() - t0, bos=bos,
     )

@@ -15,6 +15,13 @@ returns every supported layer's weight in the ``nn.Linear`` convention (out, in)
 sees one layout. An input embedding E (vocab, d) is read the same way as a tied output head (out = vocab,
 in = d): `LowRankEmbedding` looks rows up in B (vocab, r) and maps them through A (r, d), and a tied head
 becomes a `LowRankLinear` holding the *same* two parameters, so tying survives compression.
+
+A replacement keeps everything the replaced module does except the factorization. Some models scale their
+input embedding inside the module (Gemma: E[ids]·√d, transformers' ``*ScaledWordEmbedding`` with an
+``embed_scale`` buffer), so `embedding_scale` reads that factor, `LowRankEmbedding` applies it after the
+lookup (y = (B[ids] A)·s), and welore.json records it. `check_replaceable` probes a subclass of
+``nn.Linear`` / ``nn.Embedding`` on a few inputs: a forward that does more than y = x Wᵀ + b (or a scaled
+row lookup) is refused rather than silently changed.
 """
 
 from __future__ import annotations
@@ -46,6 +53,53 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     if isinstance(module, (LowRankLinear, LowRankEmbedding)):
         return module.weight_b @ module.weight_a
     raise TypeError(f"not a linear layer: {type(module).__name__}")
+
+
+def embedding_scale(module: nn.Embedding) -> torch.Tensor | None:
+    """The factor an input embedding applies after its row lookup (a 0-d float32 tensor), None when none.
+
+    Read from ``embed_scale`` (transformers' convention for scaled embeddings); `check_replaceable` then
+    verifies on probe ids that the module's output really is the lookup times that factor.
+    """
+    scale = getattr(module, "embed_scale", None)
+    if scale is None:
+        return None
+    return torch.as_tensor(scale).detach().to(device="cpu", dtype=torch.float32).reshape(())
+
+
+@torch.no_grad()
+def check_replaceable(name: str, module: nn.Module) -> None:
+    """UserError unless ``module``'s forward is what its factored replacement computes (up to the weights).
+
+    Exact ``nn.Linear`` / ``nn.Embedding`` / GPT-2 ``Conv1D`` pass as they are; a subclass is run on probe
+    inputs and compared with x Wᵀ + b, or with the row lookup times `embedding_scale`.
+    """
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            raise UserError(f"the input embedding {name!r} renormalises its rows (max_norm={module.max_norm}), "
+                            "which a factored embedding cannot do. Fix: drop --include-embeddings.")
+        if type(module) is nn.Embedding:
+            return
+        w = module.weight
+        ids = torch.linspace(0, module.num_embeddings - 1, min(64, module.num_embeddings)).long().to(w.device)
+        expect = F.embedding(ids, w)  # (n, d)
+        scale = embedding_scale(module)
+        if scale is not None:
+            expect = expect * scale.to(device=w.device, dtype=w.dtype)
+        what = f"a row lookup{' times embed_scale' if scale is not None else ''}"
+    elif isinstance(module, nn.Linear) and type(module) is not nn.Linear:
+        w = module.weight
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randn(4, module.in_features, generator=gen).to(device=w.device, dtype=w.dtype)  # (4, in)
+        expect = F.linear(ids, w, module.bias)
+        what = "y = x Wᵀ + b"
+    else:
+        return
+    got = module(ids)
+    if got.shape != expect.shape or not torch.allclose(got, expect, rtol=1e-5, atol=1e-6 * float(expect.abs().max())):
+        raise UserError(f"layer {name!r} ({type(module).__name__}) computes more than {what}; a factored "
+                        "replacement would change what it does. Fix: leave it out (--targets without it, or "
+                        "drop --include-embeddings).")
 
 
 class LowRankLinear(nn.Module):
@@ -111,20 +165,27 @@ class LowRankLinear(nn.Module):
 
 
 class LowRankEmbedding(nn.Module):
-    """E ≈ B A: row lookup in B = weight_b (vocab, r), then A = weight_a (r, d)."""
+    """E ≈ B A: row lookup in B = weight_b (vocab, r), then A = weight_a (r, d), times the replaced
+    embedding's ``embed_scale`` s when it had one (Gemma: s = √d): y = (B[ids] A)·s."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, embed_scale: float | torch.Tensor | None = None) -> None:
         super().__init__()
         if not 1 <= rank <= min(num_embeddings, embedding_dim):
             raise ValueError(f"rank {rank} outside [1, {min(num_embeddings, embedding_dim)}]")
         self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
         self.weight_a = nn.Parameter(torch.zeros(rank, embedding_dim, dtype=dtype, device=device))  # (r, d)
         self.weight_b = nn.Parameter(torch.zeros(num_embeddings, rank, dtype=dtype, device=device))  # (V, r)
+        if embed_scale is not None:  # not saved in the weights (as in transformers); welore.json records it
+            scale = torch.as_tensor(embed_scale, dtype=torch.float32).detach().clone().to(device).reshape(())
+            self.register_buffer("embed_scale", scale, persistent=False)
+        else:
+            self.embed_scale = None
 
     @classmethod
-    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> LowRankEmbedding:
-        layer = cls(b.shape[0], a.shape[1], a.shape[0], dtype=dtype, device=a.device)
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype,
+                     embed_scale: torch.Tensor | None = None) -> LowRankEmbedding:
+        layer = cls(b.shape[0], a.shape[1], a.shape[0], dtype=dtype, device=a.device, embed_scale=embed_scale)
         with torch.no_grad():
             layer.weight_a.copy_(a)
             layer.weight_b.copy_(b)
@@ -132,7 +193,8 @@ class LowRankEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # (...,) -> (..., r) -> (..., d)
-        return F.linear(F.embedding(ids, self.weight_b), self.weight_a.t())
+        out = F.linear(F.embedding(ids, self.weight_b), self.weight_a.t())
+        return out if self.embed_scale is None else out * self.embed_scale.to(out.dtype)
 
     def tied_head(self, bias: torch.Tensor | None = None) -> LowRankLinear:
         """The output head x Eᵀ ≈ x Aᵀ Bᵀ sharing this layer's parameters (tie_word_embeddings)."""
@@ -144,7 +206,8 @@ class LowRankEmbedding(nn.Module):
         return head
 
     def extra_repr(self) -> str:
-        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}"
+        scale = "" if self.embed_scale is None else f", embed_scale={float(self.embed_scale):g}"
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}{scale}"
 
 
 def svd_factors(

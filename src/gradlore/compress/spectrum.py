@@ -10,13 +10,15 @@ takes the spectrum of W·T instead, with T from input activations X (tokens × i
 so truncating W·T minimises the error on the layer's *outputs* rather than on its weights.
 
 Spectra are cached on disk (safetensors, one 1-D tensor per layer) under a fingerprint of the targeted
-weights (names, shapes, dtypes and bytes) plus the calibration data, so a cache made for another model is
+weights (names, shapes, dtypes and bytes) plus, for the data-aware variant, a hash of the activation
+statistics and the ridge (`spectrum_key`), so a cache made for another model or other statistics is
 detected instead of silently reused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from gradlore.compress.lowrank_linear import dense_weight, is_conv1d, is_dense_linear
+from gradlore.compress.lowrank_linear import check_replaceable, dense_weight, is_conv1d, is_dense_linear
 from gradlore.errors import UserError
 
 SPECTRUM_FORMAT = "gradlore-spectrum-1"
@@ -75,7 +77,7 @@ def find_targets(
             "WeLore needs a causal LM built from linear projections."
         )
     if targets is None or targets == "all-linear":
-        return extra | dict(candidates)
+        return _replaceable(extra | dict(candidates))
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
     chosen: dict[str, nn.Module] = {}
@@ -92,7 +94,13 @@ def find_targets(
                 f"candidates: {', '.join(suffixes)} (or 'all-linear', or 're:<regex>')."
             )
         chosen.update({n: candidates[n] for n in hits})
-    return extra | dict(sorted(chosen.items(), key=lambda kv: list(candidates).index(kv[0])))
+    return _replaceable(extra | dict(sorted(chosen.items(), key=lambda kv: list(candidates).index(kv[0]))))
+
+
+def _replaceable(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    for name, m in modules.items():
+        check_replaceable(name, m)
+    return modules
 
 
 def shapes_of(modules: dict[str, nn.Module]) -> dict[str, tuple[int, int]]:
@@ -120,16 +128,38 @@ class ActivationStats:
     tokens: int = 0
     digest: str = ""  # hash of the calibration token ids
     damping: float = 0.1  # whiten: G + damping·mean(diag G)·I; larger leans towards the data-free SVD (robust
-    # when calibration and target text differ: on SmolLM2, 10% removed, WikiText ppl 131 at 1e-5, 104 at 0.1)
-    _transforms: dict[tuple[str, str], tuple[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # when calibration and target text differ)
+    _transforms: dict[tuple[str, str, float], tuple[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _content: str = field(default="", repr=False)
+
+    def content_digest(self) -> str:
+        """Hash of the statistics themselves (every Gram and Σ|x|, N): what the data-aware spectra depend on.
+
+        The calibration ids alone do not decide them: the same ids through other upstream weights (norms,
+        untargeted layers) give other activations. Computed once; the statistics must not change afterwards.
+        """
+        if not self._content:
+            h = hashlib.blake2b(digest_size=12)
+            h.update(f"{self.tokens};".encode())
+            for name in sorted(self.gram):
+                h.update(f"{name}|{tuple(self.gram[name].shape)};".encode())
+                h.update(self.gram[name].contiguous().cpu().numpy().tobytes())
+                h.update(self.abs_sum[name].contiguous().cpu().numpy().tobytes())
+            self._content = h.hexdigest()
+        return self._content
+
+    def key(self, mode: str) -> str:
+        """What decides the transform T of ``mode``: the statistics, and for whiten the ridge."""
+        return self.content_digest() + (f"-d{self.damping:g}" if mode == "whiten" else "")
 
     def transform(self, name: str, mode: str) -> tuple[str, torch.Tensor]:
         """The right factor T of W·T: ("chol", L) lower-triangular, or ("diag", d)."""
         if name not in self.gram:
             raise UserError(f"no calibration statistics for layer {name!r}; recompute them for this model.")
-        if (name, mode) not in self._transforms:
-            self._transforms[name, mode] = self._transform(name, mode)
-        return self._transforms[name, mode]
+        key = (name, mode, float(self.damping) if mode == "whiten" else 0.0)  # a new ridge is a new transform
+        if key not in self._transforms:
+            self._transforms[key] = self._transform(name, mode)
+        return self._transforms[key]
 
     def _transform(self, name: str, mode: str) -> tuple[str, torch.Tensor]:
         if mode == "asvd":
@@ -148,23 +178,31 @@ class ActivationStats:
 
 @torch.no_grad()
 def collect_activation_stats(
-    model: nn.Module, modules: dict[str, nn.Module], blocks: torch.Tensor, batch_size: int = 4
+    model: nn.Module, modules: dict[str, nn.Module], blocks: torch.Tensor, batch_size: int = 4,
+    share_inputs: bool = True,
 ) -> ActivationStats:
     """Run ``blocks`` (n, L) token ids through the model and accumulate each layer's input statistics.
 
-    Layers fed the same tensor (q/k/v, gate/up) share one XᵀX product per forward.
+    Layers fed the same tensor (q/k/v read one normed hidden state, gate/up another) share one XᵀX product.
+    The memo is one slot that *holds* the last input tensor together with its version counter, and a layer
+    reuses the product only when its input is that very object, unchanged (``x is held`` and the same
+    ``x._version``). Holding the tensor keeps its storage alive, so no later input can be allocated at its
+    address (keying by ``data_ptr`` let a freed input's address be reused and handed the next layer the
+    previous layer's Gram); an in-place change bumps the version and is a miss. So every Gram is exactly
+    what the layer's own pre-hook would accumulate, bit for bit, and costs at most one activation of memory.
+    ``share_inputs=False`` computes every layer's product on its own (the plain reference; ~30% more
+    products on LLaMA-style blocks).
     """
     stats = ActivationStats(digest=hashlib.blake2b(blocks.numpy().tobytes(), digest_size=8).hexdigest())
-    memo: dict[tuple[int, tuple[int, ...]], tuple[torch.Tensor, torch.Tensor]] = {}
+    held: list = []  # [] or [input tensor, its _version, XᵀX (in, in) float64, Σ|x| (in,) float64]
 
     def hook(name: str):
         def fn(module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
             x = args[0] if args else next(iter(kwargs.values()))
-            key = (x.data_ptr(), tuple(x.shape))
-            if key not in memo:
+            if not (share_inputs and held and held[0] is x and held[1] == x._version):
                 flat = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
-                memo[key] = ((flat.T @ flat).double(), flat.abs().sum(0).double())
-            g, a = memo[key]
+                held[:] = [x, x._version, (flat.T @ flat).double(), flat.abs().sum(0).double()]
+            g, a = held[2], held[3]
             if name in stats.gram:
                 stats.gram[name] += g
                 stats.abs_sum[name] += a
@@ -179,11 +217,11 @@ def collect_activation_stats(
     try:
         for i in range(0, len(blocks), batch_size):
             batch = blocks[i : i + batch_size]
-            memo.clear()
             model(input_ids=batch)
+            held.clear()  # a batch's activations are not kept alive into the next one
             stats.tokens += batch.numel()
     finally:
-        memo.clear()
+        held.clear()
         for h in handles:
             h.remove()
         model.train(was_training)
@@ -203,27 +241,25 @@ def weighted_matrix(module: nn.Module, name: str, mode: str | None, stats: Activ
     return w * t[None, :] if kind == "diag" else w @ t.float()
 
 
-def compute_spectra(
-    modules: dict[str, nn.Module],
-    mode: str | None = None,
-    stats: ActivationStats | None = None,
-    svd_cache: dict[str, tuple[torch.Tensor, ...]] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Name -> singular values (descending, float32) of W or W·T.
+def spectrum_key(modules: dict[str, nn.Module], mode: str | None = None, stats: ActivationStats | None = None
+                 ) -> tuple[str, str, str]:
+    """(fingerprint of the targeted weights, mode, calibration key): everything the spectra depend on.
 
-    With ``svd_cache`` (a dict the caller keeps) the full SVD (U, S, Vᵀ) is stored there, so factorising
-    the same weights at other budgets costs no further SVD.
+    Data-free spectra depend on the weights only. Data-aware ones depend on the weights and on the transform
+    T, i.e. on the activation statistics themselves (``ActivationStats.content_digest``: a hash of the
+    Grams, not of the calibration ids, which would miss a change of the untargeted weights upstream) and,
+    for whiten, the ridge. The spectrum cache file and the SVDs reused for factorization are both keyed by
+    this, so the allocation and the factors always come from the same matrices W·T.
     """
-    out = {}
-    for n, m in modules.items():
-        w = weighted_matrix(m, n, mode, stats)  # (out, in) float32
-        if svd_cache is None:
-            out[n] = torch.linalg.svdvals(w)
-        else:
-            if n not in svd_cache:
-                svd_cache[n] = torch.linalg.svd(w, full_matrices=False)
-            out[n] = svd_cache[n][1]
-    return out
+    calib = stats.key(mode) if mode is not None and stats is not None else ""
+    return fingerprint(modules), mode or "weights", calib
+
+
+def compute_spectra(
+    modules: dict[str, nn.Module], mode: str | None = None, stats: ActivationStats | None = None
+) -> dict[str, torch.Tensor]:
+    """Name -> singular values (descending, float32) of W or W·T (always ``svdvals``: one routine, one result)."""
+    return {n: torch.linalg.svdvals(weighted_matrix(m, n, mode, stats)) for n, m in modules.items()}
 
 
 def spectra_cached(
@@ -232,23 +268,21 @@ def spectra_cached(
     stats: ActivationStats | None = None,
     cache_dir: Path | None = None,
     cache_file: Path | None = None,
-    svd_cache: dict[str, tuple[torch.Tensor, ...]] | None = None,
+    key: tuple[str, str, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], Path | None]:
     """Spectra from the cache when present and valid, else computed and cached. Returns (spectra, path).
 
     ``cache_file`` (explicit) must belong to this model: a fingerprint mismatch is a UserError and the file
-    is left untouched. Under ``cache_dir`` the file name carries the fingerprint, so models never collide.
+    is left untouched. Under ``cache_dir`` the file name carries the whole `spectrum_key`, so models,
+    modes, calibration statistics and ridges never collide. ``key``: `spectrum_key`'s value if known.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    fp = fingerprint(modules)
-    calib = ""
-    if mode is not None and stats is not None:  # the spectra depend on the calibration data and damping
-        calib = stats.digest + (f"-d{stats.damping:g}" if mode == "whiten" else "")
-    meta = {"format": SPECTRUM_FORMAT, "fingerprint": fp, "mode": mode or "weights", "calibration": calib}
+    fp, mode_name, calib = key or spectrum_key(modules, mode, stats)
+    meta = {"format": SPECTRUM_FORMAT, "fingerprint": fp, "mode": mode_name, "calibration": calib}
     if cache_file is None and cache_dir is not None:
-        cache_file = Path(cache_dir) / "spectra" / f"{fp}-{meta['mode']}{'-' + calib if calib else ''}.safetensors"
+        cache_file = Path(cache_dir) / "spectra" / f"{fp}-{mode_name}{'-' + calib if calib else ''}.safetensors"
     if cache_file is not None and Path(cache_file).exists():
         try:
             with safe_open(str(cache_file), framework="pt") as f:
@@ -262,20 +296,19 @@ def spectra_cached(
                 f"(fingerprint {found.get('fingerprint', '?')[:12]}…, this model {fp[:12]}…); "
                 "pass another --spectrum-cache path or delete the file."
             )
-        if found.get("mode") != meta["mode"] or found.get("calibration") != calib:
+        if found.get("mode") != mode_name or found.get("calibration") != calib:
             raise UserError(
                 f"spectrum cache {cache_file} holds {found.get('mode')!r} spectra "
-                f"(calibration {found.get('calibration') or 'none'}), not {meta['mode']!r} "
+                f"(calibration {found.get('calibration') or 'none'}), not {mode_name!r} "
                 f"(calibration {calib or 'none'}); use a separate cache file per mode/calibration."
             )
         if set(spectra) != set(modules):
             raise UserError(f"spectrum cache {cache_file} covers other layers; delete it and rerun.")
         return spectra, Path(cache_file)
-    spectra = compute_spectra(modules, mode, stats, svd_cache)
+    spectra = compute_spectra(modules, mode, stats)
     if cache_file is not None:
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(cache_file) + ".tmp")
+        tmp = Path(f"{cache_file}.{os.getpid()}.tmp")
         save_file({k: v.contiguous() for k, v in spectra.items()}, str(tmp), metadata=meta)
-        tmp.replace(cache_file)
+        tmp.replace(cache_file)  # atomic: a concurrent run never reads half a file
     return spectra, (Path(cache_file) if cache_file is not None else None)
-

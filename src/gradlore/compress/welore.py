@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,13 @@ from torch import nn
 from gradlore.cache import cache_dir as default_cache_dir
 from gradlore.compress.allocate import METHODS, Allocation, allocate
 from gradlore.compress.eval import read_text, tokenize
-from gradlore.compress.lowrank_linear import LowRankEmbedding, LowRankLinear, dense_weight, svd_factors
+from gradlore.compress.lowrank_linear import (
+    LowRankEmbedding,
+    LowRankLinear,
+    dense_weight,
+    embedding_scale,
+    svd_factors,
+)
 from gradlore.compress.remote import base_config, write_remote_code
 from gradlore.compress.spectrum import (
     DATA_AWARE_MODES,
@@ -38,9 +44,11 @@ from gradlore.compress.spectrum import (
     find_targets,
     shapes_of,
     spectra_cached,
+    spectrum_key,
     weighted_matrix,
 )
-from gradlore.data.tokenizer import TextTokenizer
+from gradlore.data.stream import with_bos
+from gradlore.data.tokenizer import TextTokenizer, sequence_bos
 from gradlore.errors import UserError
 
 FORMAT = "gradlore-welore-1"
@@ -92,17 +100,22 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def text_blocks(tokenizer: TextTokenizer, text: str, n_tokens: int, context: int) -> torch.Tensor:
-    """The first ``n_tokens`` tokens of ``text`` as (n_tokens // context, context) blocks of ids."""
-    ids = tokenize(tokenizer, text, n_tokens)
-    n = len(ids) // context
+def text_blocks(tokenizer: TextTokenizer, text: str, n_tokens: int, context: int, bos: int | None = None
+                ) -> torch.Tensor:
+    """(n_tokens // context, context) blocks of ids from the head of ``text``; with ``bos`` each block is BOS
+    followed by context − 1 text tokens (as the model reads its evaluation windows and training blocks)."""
+    span = context - (bos is not None)
+    n = n_tokens // context
+    ids = tokenize(tokenizer, text, n * span)
+    n = min(n, len(ids) // span) if span > 0 else 0
     if n == 0:
         raise UserError(f"calibration text has {len(ids)} tokens, fewer than one block of {context}; give more text.")
-    return ids[: n * context].reshape(n, context)
+    return with_bos(ids[: n * span].reshape(n, span), bos)
 
 
 def _calibration_blocks(
-    calibration: str | Path | torch.Tensor, tokenizer: TextTokenizer | None, n_tokens: int, context: int
+    calibration: str | Path | torch.Tensor, tokenizer: TextTokenizer | None, n_tokens: int, context: int,
+    bos: str = "auto",
 ) -> torch.Tensor:
     if isinstance(calibration, torch.Tensor):
         return calibration.long().reshape(-1, calibration.shape[-1])
@@ -110,7 +123,7 @@ def _calibration_blocks(
         raise UserError("calibration text needs a tokenizer: pass tokenizer=..., or token ids (n, L).")
     if isinstance(calibration, Path) or (isinstance(calibration, str) and len(calibration) < 4096 and Path(calibration).is_file()):
         calibration = read_text(calibration)
-    return text_blocks(tokenizer, str(calibration), n_tokens, context)
+    return text_blocks(tokenizer, str(calibration), n_tokens, context, sequence_bos(tokenizer, bos))
 
 
 @torch.no_grad()
@@ -120,16 +133,24 @@ def _factorize(
     rank: int,
     mode: str | None,
     stats: ActivationStats | None,
-    svd_cache: dict[str, tuple[torch.Tensor, ...]] | None = None,
+    svd_cache: dict[tuple[str, ...], tuple[torch.Tensor, ...]] | None = None,
+    key: tuple[str, str, str] = ("", "", ""),
 ) -> LowRankLinear | LowRankEmbedding:
-    """Rank-r factored layer; data-aware: W ≈ B (A' T⁻¹) with B A' the SVD truncation of W T."""
+    """Rank-r factored layer; data-aware: W ≈ B (A' T⁻¹) with B A' the SVD truncation of W T.
+
+    ``svd_cache`` entries are keyed by (`spectrum_key`, name): an SVD is reused only for the same W·T.
+    """
     w = dense_weight(module).detach()
     wt = weighted_matrix(module, name, mode, stats)  # W or W·T, float32 (out, in)
-    if svd_cache is not None and name not in svd_cache:
-        svd_cache[name] = torch.linalg.svd(wt, full_matrices=False)
-    a, b = svd_factors(wt, rank, svd_cache[name] if svd_cache is not None else None)  # (r, in), (out, r)
+    usv = None
+    if svd_cache is not None:
+        entry = (*key, name)
+        if entry not in svd_cache:
+            svd_cache[entry] = torch.linalg.svd(wt, full_matrices=False)
+        usv = svd_cache[entry]
+    a, b = svd_factors(wt, rank, usv)  # (r, in), (out, r)
     if isinstance(module, nn.Embedding):  # always data-free (see weighted_matrix)
-        return LowRankEmbedding.from_factors(a, b, w.dtype)
+        return LowRankEmbedding.from_factors(a, b, w.dtype, embed_scale=embedding_scale(module))
     if mode is not None:
         kind, t = stats.transform(name, mode)
         if kind == "diag":
@@ -152,13 +173,14 @@ def compress(
     tokenizer: TextTokenizer | None = None,
     calibration_tokens: int = 16384,
     calibration_context: int = 512,
+    bos: str = "auto",
     damping: float | None = None,
     activation_stats: ActivationStats | None = None,
     include_head: bool = False,
     include_embeddings: bool = False,
     cache_dir: str | Path | None = None,
     spectrum_cache: str | Path | None = None,
-    svd_cache: dict[str, tuple[torch.Tensor, ...]] | None = None,
+    svd_cache: dict[tuple[str, ...], tuple[torch.Tensor, ...]] | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place to the budget and return the report.
 
@@ -166,10 +188,13 @@ def compress(
     WeLore's effective rank reduction; exactly one, in (0, 1). ``method``: "welore" (one global threshold on
     normalised singular values) or "uniform" (every matrix loses the same share). ``data_aware``: None,
     "whiten" (SVD of W·chol(XᵀX)) or "asvd" (SVD of W·diag(mean|x|)^½), with ``calibration`` text / path /
-    token ids (n, L), or precomputed ``activation_stats``; ``damping`` (whiten) adds damping·mean(diag XᵀX/N)·I
-    to the Gram, leaning towards the data-free SVD when the calibration text differs from the target text. Spectra are cached under ``cache_dir``
-    (default $GRADLORE_CACHE/spectra) or in the explicit file ``spectrum_cache``. ``svd_cache``: a dict
-    the caller keeps to reuse full SVDs across calls on the same weights (and the same calibration).
+    token ids (n, L) (used as given), or precomputed ``activation_stats``; calibration text is cut into blocks
+    that start with the tokenizer's BOS when it adds one (``bos``: auto, always, never); ``damping`` (whiten) adds damping·mean(diag XᵀX/N)·I
+    to the Gram, leaning towards the data-free SVD when the calibration text differs from the target text.
+    Spectra are cached under ``cache_dir`` (default $GRADLORE_CACHE/spectra) or in the explicit file
+    ``spectrum_cache``, keyed by the weights, the statistics and the ridge. ``svd_cache``: a dict the caller
+    keeps to reuse full SVDs across calls (other budgets); its entries carry the same key, so an SVD of
+    other weights, statistics or ridge is never reused.
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
@@ -189,17 +214,18 @@ def compress(
     if data_aware is not None and stats is None:
         if calibration is None:
             raise UserError(f"data_aware={data_aware!r} needs calibration text (--calibration FILE).")
-        blocks = _calibration_blocks(calibration, tokenizer, calibration_tokens, calibration_context)
+        blocks = _calibration_blocks(calibration, tokenizer, calibration_tokens, calibration_context, bos)
         stats = collect_activation_stats(model, modules, blocks)
     if stats is not None and damping is not None:
         if not damping >= 0:
             raise UserError(f"damping={damping} must be >= 0 (a share of the Gram's mean diagonal, e.g. 0.1).")
-        stats.damping = float(damping)
+        stats = replace(stats, damping=float(damping))  # the caller's stats keep their own ridge
 
     cdir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = spectrum_key(modules, data_aware, stats)  # after the ridge is set: it is part of the key
     spectra, _ = spectra_cached(
         modules, data_aware, stats, cache_dir=cdir, cache_file=Path(spectrum_cache) if spectrum_cache else None,
-        svd_cache=svd_cache,
+        key=key,
     )
     alloc: Allocation = allocate(
         spectra, shapes, remove=remove, rank_reduction=rank_reduction, method=method, min_ratio=min_ratio
@@ -219,7 +245,7 @@ def compress(
         if alloc.lrc[name]:
             head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             tied = isinstance(module, nn.Embedding) and head is not None and head.weight is module.weight
-            new = _factorize(module, name, r, data_aware, stats, svd_cache)
+            new = _factorize(module, name, r, data_aware, stats, svd_cache, key)
             _set_module(model, name, new)
             if tied:  # the head keeps sharing the (now factored) embedding
                 head_name = next(n for n, m in model.named_modules() if m is head)
@@ -250,7 +276,8 @@ def lowrank_layers(model: nn.Module) -> dict[str, LowRankLinear | LowRankEmbeddi
 
 def _layer_record(name: str, m: nn.Module, layers: dict[str, nn.Module]) -> dict[str, Any]:
     if isinstance(m, LowRankEmbedding):
-        return {"kind": "embedding", "rank": m.rank, "num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim}
+        rec = {"kind": "embedding", "rank": m.rank, "num_embeddings": m.num_embeddings, "embedding_dim": m.embedding_dim}
+        return rec | ({} if m.embed_scale is None else {"embed_scale": float(m.embed_scale)})
     tied = next((n for n, e in layers.items() if isinstance(e, LowRankEmbedding) and e.weight_a is m.weight_a), None)
     return {"kind": "linear", "rank": m.rank, "in_features": m.in_features, "out_features": m.out_features,
             "bias": m.bias is not None, "tied_to": tied}
@@ -283,7 +310,9 @@ def save_compressed(model: nn.Module, out: str | Path, tokenizer: TextTokenizer 
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         model.config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "gradlore": FORMAT})
+        # One metadata key: safetensors writes them from a hash map, so two keys come out in a random order and
+        # two identical compressions would differ in their bytes. welore.json records our FORMAT.
+        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=1))
         write_remote_code(tmp, meta["layers"], meta["architectures"])  # AutoModelForCausalLM + trust_remote_code
         if tokenizer is not None:
@@ -335,7 +364,8 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu") -> nn.
             w = dense_weight(old)
             if spec.get("kind") == "embedding":
                 shape = (spec["num_embeddings"], spec["embedding_dim"])
-                new = LowRankEmbedding(shape[0], shape[1], int(spec["rank"]), dtype=dtype, device=w.device)
+                new = LowRankEmbedding(shape[0], shape[1], int(spec["rank"]), dtype=dtype, device=w.device,
+                                       embed_scale=spec.get("embed_scale"))
             else:
                 shape = (spec["out_features"], spec["in_features"])
                 if spec.get("tied_to"):

@@ -3,7 +3,15 @@
 Documents are tokenized (once per corpus and tokenizer: :mod:`gradlore.data.tokens` keeps the ids in a
 memory-mapped cache file), joined with the end-of-text token and cut into non-overlapping blocks of
 ``block_size`` tokens (GPT-2 / GaLore packing; no padding, the ragged tail is dropped). The model sees
-``input_ids = labels = block`` and shifts internally. Validation blocks are held out *before* training
+``input_ids = labels = block`` and shifts internally.
+
+Beginning of sequence (``data.bos``, default the tokenizer's convention, `sequence_bos`): a tokenizer that
+puts a BOS before a text (LLaMA, Gemma) gets it at position 0 of *every block*: the stream is cut into
+blocks of ``block_size − 1`` tokens and each is prefixed with BOS, so training sequences start as the
+model's evaluation windows, calibration blocks and generation prompts do, and BOS is never a target.
+Documents inside a block stay separated by the end-of-text token only (the stream, and the token cache,
+are the same with or without BOS). A tokenizer without that convention (our byte-level BPE, GPT-2's) packs
+exactly as before. Validation blocks are held out *before* training
 (the tail of a local corpus, or the head of a stream / a named split) and never trained on.
 
 Batch order is a pure function of ``(seed, epoch)``: a fresh ``torch.randperm`` per epoch over the
@@ -19,9 +27,16 @@ import numpy as np
 import torch
 
 from gradlore.data.config import DataConfig
-from gradlore.data.stream import StreamSampler, prepare_stream
+from gradlore.data.stream import StreamSampler, prepare_stream, with_bos
 from gradlore.data.text import hf_dataset, hf_documents, is_hf_spec, local_documents, local_path
-from gradlore.data.tokenizer import TextTokenizer, corpus_digest, load_tokenizer, train_bpe
+from gradlore.data.tokenizer import (
+    TextTokenizer,
+    corpus_digest,
+    describe_bos,
+    load_tokenizer,
+    sequence_bos,
+    train_bpe,
+)
 from gradlore.data.tokens import encode_corpus
 from gradlore.errors import UserError
 
@@ -33,10 +48,11 @@ class BlockSampler:
     only the rows of a batch are read, and they come out as an int64 tensor.
     """
 
-    def __init__(self, blocks: np.ndarray | torch.Tensor, batch_size: int, seed: int) -> None:
-        self.blocks = blocks  # (N, T)
+    def __init__(self, blocks: np.ndarray | torch.Tensor, batch_size: int, seed: int, bos: int | None = None) -> None:
+        self.blocks = blocks  # (N, T), or (N, T − 1) when each batch row gets the BOS prefix
         self.batch_size = batch_size
         self.seed = seed
+        self.bos = bos
         self.epoch = 0
         self.position = 0
         self._perm = self._permutation(0)
@@ -56,8 +72,8 @@ class BlockSampler:
             self.position += 1
         rows = rows if self.part is None else rows[self.part]
         if isinstance(self.blocks, torch.Tensor):
-            return self.blocks[rows].to(torch.int64)  # (B, T)
-        return torch.from_numpy(self.blocks[rows].astype(np.int64))  # (B, T)
+            return with_bos(self.blocks[rows].to(torch.int64), self.bos)  # (B, T)
+        return with_bos(torch.from_numpy(self.blocks[rows].astype(np.int64)), self.bos)  # (B, T)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -103,7 +119,8 @@ def prepare_data(cfg: DataConfig, batch_size: int, seed: int, tokenizer: TextTok
     digest = corpus_digest(docs)  # the corpus is hashed once: it keys both the BPE and the token cache
     tok = tokenizer or _tokenizer_for(cfg, docs, digest)
     ids = encode_corpus(docs, tok, digest)  # (n_tokens,) uint16 / int32, memory-mapped
-    T = cfg.block_size
+    bos = sequence_bos(tok, cfg.bos)
+    T = cfg.block_size - (bos is not None)  # stream tokens per block; BOS takes position 0
     n_blocks = ids.size // T
     if n_blocks < 2:
         raise UserError(
@@ -125,6 +142,7 @@ def prepare_data(cfg: DataConfig, batch_size: int, seed: int, tokenizer: TextTok
         train_blocks, val_blocks = blocks[: n_blocks - n_val], blocks[n_blocks - n_val:]
     info = {"source": where, "documents": len(docs), "tokens": int(ids.size),
             "train_blocks": int(train_blocks.shape[0]), "val_blocks": int(val_blocks.shape[0]),
-            "vocab_size": int(tok.vocab_size), "token_file": str(getattr(ids, "filename", "") or "")}
-    val_tensor = torch.from_numpy(np.ascontiguousarray(val_blocks, dtype=np.int64))  # (N_val, T)
-    return PreparedData(tok, BlockSampler(train_blocks, batch_size, seed), val_tensor, info)
+            "vocab_size": int(tok.vocab_size), "token_file": str(getattr(ids, "filename", "") or ""),
+            "bos": bos, "bos_note": describe_bos(tok, bos, cfg.bos)}
+    val_tensor = with_bos(torch.from_numpy(np.ascontiguousarray(val_blocks, dtype=np.int64)), bos)  # (N_val, T)
+    return PreparedData(tok, BlockSampler(train_blocks, batch_size, seed, bos), val_tensor, info)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gradlore.errors import UserError, require_positive
+from gradlore.data.tokenizer import BOS_CHOICES
+from gradlore.errors import UserError, did_you_mean, require_positive
 
 
 @dataclass
@@ -21,11 +22,15 @@ class DataConfig:
     streaming: bool = False          # stream an hf: dataset instead of downloading it whole
     data_files: str = ""             # passed to datasets.load_dataset (e.g. hf:json with a local file)
     bpe_train_docs: int = 20000      # documents of a stream used to train the BPE
+    bos: str = "auto"                # BOS at each block's start: auto (the tokenizer's convention) | always | never
 
     def validate(self) -> None:
         require_positive(self, "data", "vocab_size", "block_size", "val_blocks", "bpe_train_docs")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"data.val_fraction={self.val_fraction} must be in (0, 1). Fix: e.g. 0.05.")
+        if self.bos not in BOS_CHOICES:
+            raise UserError(f"data.bos={self.bos!r} is not one of {', '.join(BOS_CHOICES)}.{did_you_mean(self.bos, BOS_CHOICES)} "
+                            "Fix: auto (the tokenizer's convention), always or never.")
         if self.streaming and not self.path.startswith("hf:"):
             raise UserError("data.streaming=true needs an hf:DATASET path. Fix: drop data.streaming.")
 

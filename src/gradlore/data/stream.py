@@ -10,7 +10,8 @@ The position in the stream is (documents read, token buffer): the buffer holds e
 yet served, i.e. fewer than ``block_size`` tokens plus any whole blocks not yet served. That is the
 sampler's state (plain ints and an int64 tensor, so a checkpoint loads with ``torch.load(weights_only=True)``).
 Resuming skips the documents already read without tokenizing them (``IterableDataset.skip``) and restores
-the buffer, so the next batch is the one the uninterrupted run would have drawn.
+the buffer, so the next batch is the one the uninterrupted run would have drawn. With a BOS (``data.bos``,
+see :mod:`gradlore.data.blocks`) the stream is cut into blocks of ``block_size − 1`` and each row gets it.
 """
 
 from __future__ import annotations
@@ -23,10 +24,17 @@ import torch
 
 from gradlore.data.config import DataConfig
 from gradlore.data.text import hf_dataset, hf_documents
-from gradlore.data.tokenizer import TextTokenizer, load_tokenizer, train_bpe
+from gradlore.data.tokenizer import TextTokenizer, describe_bos, load_tokenizer, sequence_bos, train_bpe
 from gradlore.errors import UserError
 
 DOCS_PER_FILL = 64  # documents encoded per tokenizer call
+
+
+def with_bos(rows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """(B, S) int64 -> (B, S + 1) with ``bos`` in column 0; unchanged when ``bos`` is None."""
+    if bos is None:
+        return rows
+    return torch.cat([torch.full((rows.shape[0], 1), bos, dtype=rows.dtype), rows], dim=1)
 
 
 def skip_records(dataset: Iterable[dict], n: int) -> Iterable[dict]:
@@ -80,6 +88,8 @@ class StreamSampler:
     def __init__(self, cfg: DataConfig, tok: TextTokenizer, batch_size: int, start_documents: int = 0,
                  start_buffer: np.ndarray | None = None) -> None:
         self.cfg, self.tok, self.batch_size = cfg, tok, batch_size
+        self.bos = sequence_bos(tok, cfg.bos)
+        self.span = cfg.block_size - (self.bos is not None)  # stream tokens per block; BOS takes position 0
         # Where training starts in every epoch: after the documents and tokens that went to validation.
         self.start_documents = start_documents
         self.start_buffer = np.zeros(0, np.int64) if start_buffer is None else np.array(start_buffer, np.int64)
@@ -94,7 +104,7 @@ class StreamSampler:
         return hf_documents(skip_records(self._dataset, skip), self.cfg.text_field)
 
     def _packer_at(self, documents: int, buffer: np.ndarray) -> StreamPacker:
-        return StreamPacker(self._documents, self.tok, self.cfg.block_size, documents, buffer.copy())
+        return StreamPacker(self._documents, self.tok, self.span, documents, buffer.copy())
 
     def next_batch(self) -> torch.Tensor:
         rows: list[np.ndarray] = []
@@ -109,7 +119,7 @@ class StreamSampler:
                 continue
             rows.append(block)
             self.position += 1
-        return torch.from_numpy(np.stack(rows))  # (B, T) int64
+        return with_bos(torch.from_numpy(np.stack(rows)), self.bos)  # (B, T) int64
 
     def state_dict(self) -> dict[str, int | torch.Tensor]:
         return {"epoch": self.epoch, "position": self.position, "documents": self._packer.documents,
@@ -141,7 +151,9 @@ def prepare_stream(cfg: DataConfig, batch_size: int, tokenizer: TextTokenizer | 
     else:
         tok = load_tokenizer(cfg.tokenizer)
     src = hf_dataset(cfg.path, cfg.val_split, True, cfg.data_files) if cfg.val_split else ds
-    val = StreamPacker(lambda skip: hf_documents(skip_records(src, skip), cfg.text_field), tok, cfg.block_size)
+    bos = sequence_bos(tok, cfg.bos)
+    span = cfg.block_size - (bos is not None)
+    val = StreamPacker(lambda skip: hf_documents(skip_records(src, skip), cfg.text_field), tok, span)
     val_rows = []
     while len(val_rows) < cfg.val_blocks and (block := val.next_block()) is not None:
         val_rows.append(block)
@@ -152,5 +164,6 @@ def prepare_stream(cfg: DataConfig, batch_size: int, tokenizer: TextTokenizer | 
         sampler = StreamSampler(cfg, tok, batch_size)
     else:  # training goes on from where the validation head stopped
         sampler = StreamSampler(cfg, tok, batch_size, val.documents, val.buffer)
-    info = {"source": cfg.path, "streaming": True, "val_blocks": len(val_rows), "vocab_size": int(tok.vocab_size)}
-    return tok, sampler, torch.from_numpy(np.stack(val_rows)), info
+    info = {"source": cfg.path, "streaming": True, "val_blocks": len(val_rows), "vocab_size": int(tok.vocab_size),
+            "bos": bos, "bos_note": describe_bos(tok, bos, cfg.bos)}
+    return tok, sampler, with_bos(torch.from_numpy(np.stack(val_rows)), bos), info

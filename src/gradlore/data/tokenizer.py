@@ -7,6 +7,13 @@ seen through one small adapter: ``encode_batch(texts) -> ids``, ``vocab_size``, 
 and ``fingerprint()`` (a hash of what decides its ids, which keys the token cache of
 :mod:`gradlore.data.tokens`).
 
+Beginning of sequence: each adapter reports ``bos_id``, the token its tokenizer itself puts in front of a
+text when special tokens are added (``tok(text)`` vs ``tok(text, add_special_tokens=False)``: LLaMA-family and
+Gemma tokenizers add ``<s>`` / ``<bos>``; GPT-2-style ones and our byte-level BPE add nothing, so None).
+`sequence_bos` turns that convention (or a user's ``always`` / ``never``) into the id that starts every
+sequence a model reads: a training block, a perplexity window, a calibration block. Texts themselves are
+always encoded without special tokens; the BOS goes where a sequence starts, not where a document does.
+
 Encoding goes through the Rust `tokenizers` library wherever one sits underneath (our BPE, any
 ``tokenizer.json``, transformers' fast tokenizers): ``encode_batch_fast`` encodes a batch on all cores and,
 unlike ``encode_batch``, skips the character offsets that training never reads (about 3x faster; the ids
@@ -38,9 +45,14 @@ _HF_ENCODE_METHODS = ("__call__", "_call_one", "encode_plus", "batch_encode_plus
                       "_batch_encode_plus")
 
 
+BOS_CHOICES = ("auto", "always", "never")
+_PROBE = "Hello world. 12"  # any plain text: special tokens are what differs between the two encodings
+
+
 class TextTokenizer(Protocol):
     vocab_size: int
     eos_id: int | None
+    bos_id: int | None  # the id the tokenizer puts before a text (its convention), None when it adds none
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
 
@@ -53,6 +65,43 @@ def _fast_ids(backend, texts: list[str]) -> list[list[int]]:
     """Ids of ``texts`` from a `tokenizers.Tokenizer`, without special tokens, encoded in parallel."""
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast: tokenizers >= 0.20
     return [e.ids for e in encode(texts, add_special_tokens=False)]
+
+
+def added_prefix(with_special: list[int], plain: list[int]) -> int | None:
+    """The token an encoding with special tokens puts in front of the plain ids, else None."""
+    if len(with_special) > len(plain) and with_special[1: 1 + len(plain)] == plain:
+        return int(with_special[0])
+    return None
+
+
+def sequence_bos(tok: TextTokenizer, choice: str = "auto") -> int | None:
+    """The id that starts every sequence the model reads, or None.
+
+    ``auto``: the tokenizer's own convention (``bos_id``); ``always``: its BOS token even if it does not add
+    it (``bos_token_id``); ``never``: none.
+    """
+    if choice not in BOS_CHOICES:
+        raise UserError(f"BOS choice {choice!r} is not one of {', '.join(BOS_CHOICES)}. Fix: auto (the "
+                        "tokenizer's convention), always or never.")
+    if choice == "never":
+        return None
+    bos = getattr(tok, "bos_id", None)
+    if choice == "always" and bos is None:
+        bos = getattr(tok, "bos_token_id", None)
+        if bos is None:
+            raise UserError("this tokenizer has no beginning-of-sequence token, so BOS cannot be 'always'. "
+                            "Fix: auto or never.")
+    return None if bos is None else int(bos)
+
+
+def describe_bos(tok: TextTokenizer, bos: int | None, choice: str = "auto") -> str:
+    """One line saying what starts each sequence, for logs and eval output."""
+    if bos is None:
+        why = "the tokenizer adds none" if choice == "auto" else f"bos={choice}"
+        return f"no BOS token ({why})"
+    name = getattr(tok, "token_name", lambda i: None)(bos)
+    why = "the tokenizer's convention" if choice == "auto" else f"bos={choice}"
+    return f"BOS {name + ' ' if name else ''}(id {bos}) at the start of every sequence ({why})"
 
 
 def folder_digest(directory: Path) -> str:
@@ -71,7 +120,12 @@ class HFTokenizer:
         self.tok = tok
         self.vocab_size = len(tok)
         self.eos_id = tok.eos_token_id
+        self.bos_token_id = tok.bos_token_id
         self._backend = self._plain_backend(tok)
+        self.bos_id = added_prefix(tok(_PROBE)["input_ids"], tok(_PROBE, add_special_tokens=False)["input_ids"])
+
+    def token_name(self, i: int) -> str | None:
+        return self.tok.convert_ids_to_tokens(i)
 
     @staticmethod
     def _plain_backend(tok):
@@ -116,6 +170,13 @@ class SentencePieceTokenizer:
         self.vocab_size = int(self.sp.get_piece_size())
         eos = int(self.sp.eos_id())
         self.eos_id = eos if eos >= 0 else None
+        bos = int(self.sp.bos_id())
+        # A SentencePiece model does not say whether to add its BOS; LLaMA-1/2 (whose format this is) always do
+        # (Meta's encode(bos=True), transformers' add_bos_token=True), so a model that defines one adds it.
+        self.bos_id = self.bos_token_id = bos if bos >= 0 else None
+
+    def token_name(self, i: int) -> str | None:
+        return self.sp.id_to_piece(i)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.sp.encode(texts)  # a list is encoded on several threads
@@ -136,6 +197,12 @@ class BPETokenizer:
         self.path = path
         self.vocab_size = int(tok.get_vocab_size())
         self.eos_id = tok.token_to_id(EOS)
+        # its post-processor's convention (a tokenizer.json of LLaMA-3 / Gemma adds one; our BPE has none)
+        self.bos_id = added_prefix(tok.encode(_PROBE).ids, tok.encode(_PROBE, add_special_tokens=False).ids)
+        self.bos_token_id = self.bos_id
+
+    def token_name(self, i: int) -> str | None:
+        return self.tok.id_to_token(i)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return _fast_ids(self.tok, texts)

@@ -38,7 +38,7 @@ from gradlore.compress.lowrank_linear import is_factored, mark_trainable
 from gradlore.compress.welore import save_compressed
 from gradlore.data.blocks import prepare_data
 from gradlore.errors import UserError
-from gradlore.models import build_llama, load_model, vocab_size
+from gradlore.models import build_llama, load_model, resolve_model_path, vocab_size
 from gradlore.optim.build import PEERS, build_optimizer
 from gradlore.optim.state import state_bytes
 from gradlore.train.checkpoint import (
@@ -148,7 +148,7 @@ class Trainer:
         seed_everything(t.seed)
         data_cfg = cfg.data
         if cfg.model.init and data_cfg.tokenizer == "bpe":  # fine-tuning: the pretrained model's own tokenizer
-            data_cfg = dataclasses.replace(data_cfg, tokenizer=str(cfg.model.init))
+            data_cfg = dataclasses.replace(data_cfg, tokenizer=str(resolve_model_path(cfg.model.init)))  # alias ok
         with self.par.main_first():  # parallel: rank 0 fills the tokenizer and token caches first
             self.data = prepare_data(data_cfg, t.batch_size, t.seed)
         self.data.train = self.par.share(self.data.train)  # parallel: this rank's rows of every batch
