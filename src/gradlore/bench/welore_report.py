@@ -29,7 +29,9 @@ def _labels(runs: dict[str, Any]) -> list[str]:
 
 def ppl_tables(args: argparse.Namespace, results: dict[str, Any], primary: str) -> list[str]:
     setup, dense, runs = results.get("setup", {}), results.get("dense", {}), results.get("runs", {})
-    lines = [f"Perplexity, first {setup.get('eval_tokens')} tokens of each corpus (WikiText-2 raw test and the packaged "
+    n = setup.get("eval_tokens")
+    n = ", ".join(f"{v:,}" for v in n.values()) if isinstance(n, dict) else n
+    lines = [f"Perplexity, first {n} tokens of each corpus (WikiText-2 raw test and the packaged "
              f"tiny-shakespeare), context {setup.get('context')}, stride {setup.get('stride')}, BOS "
              f"{setup.get('bos')}; dense {_f(_ppl(dense, 'wikitext2'), '.2f')} / {_f(_ppl(dense, 'shakespeare'), '.2f')} "
              f"({dense.get('params', 0):,} params). Data-aware = activation-whitened SVD, {primary}.\n"]
