@@ -36,7 +36,7 @@ class Context(NamedTuple):
 class Projector(Protocol):
     """Maps (s, l) gradients to (r, l) coordinates and back. State lives in ``state`` (tensors only)."""
 
-    selects_indices: bool  # state is ``proj.indices`` into a fixed basis (moment rows can follow them)
+    selects_indices: bool  # state is ``proj.indices`` (r,) int64, ascending, into a fixed basis: moment rows can follow them
 
     def refresh(self, g: Tensor, rank: int, state: dict, ctx: Context) -> Tensor | None:
         """Choose a new subspace for ``g`` (s, l); may return ``down(g)`` if it was a by-product."""
