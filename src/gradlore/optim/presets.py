@@ -47,8 +47,10 @@ def dct(rank: int = 128, **overrides: Any) -> Group:
       DCTAdamW corrects every row with the global step count; see ``gradlore.optim.moments``);
     - ``scale=1.0``: DCTAdamW has no scale on the update (GaLore's 0.25 is not part of this method);
     - ``residual="discard"``: DCTAdamW drops the complement (its error feedback is off by default).
-    Its LR is not GaLore's: with α = 1 the projected update is 4× GaLore-style's at the same LR, so tune it
-    afresh (BENCHMARKS.md, issue 9: best 1e-3 where the GaLore-style variant's was 3e-3).
+    Its LR is not GaLore's: with α = 1 the projected update is 4× GaLore-style's at the same LR, while the
+    unprojected weights (embeddings, head, norms) keep the LR, so tune it afresh (issue 9's benchmark, small
+    LLaMA on Shakespeare: best 1e-3 of {1, 2, 4}e-3, where ``dct-galore``'s was 5e-3 of {2, 3, 5}e-3). At that
+    scale α = 1 costs more than the per-step selection gains: ``--set optim.scale=0.25`` is the better run there.
     """
     base = {"rank": rank, "projector": "dct", "dct_norm": "l1", "update_proj_gap": 1, "scale": 1.0,
             "residual": "discard", "on_refresh": "remap", "remap_bias": "row"}
