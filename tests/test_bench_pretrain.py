@@ -76,3 +76,38 @@ def test_a_diverged_run_is_never_the_best_and_shows_as_diverged():
     assert pretrain.best_lrs(results, ["dct"], 0) == {"dct": 1e-3}
     sweep = pretrain.tables(results, ["dct"], [0], None)[2]
     assert "diverged" in sweep and "150.00" in sweep
+
+
+def test_bench_refresh_times_the_step_it_claims_and_its_selection_really_changes():
+    """``gradlore bench refresh``'s building blocks on small shapes: GaLore's weight shapes of a size, step times of
+    gap 1 vs gap 200, and gradients that really change the selection at every step (so the remap moves rows)."""
+    import torch
+
+    from gradlore.bench import refresh
+    from gradlore.models import SIZES
+
+    s = SIZES["llama_60m"]
+    assert refresh.weight_shapes("llama_60m", 1) == [(s.hidden, s.hidden)] * 4 + [(s.intermediate, s.hidden)] * 2 \
+        + [(s.hidden, s.intermediate)]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(24, 40, generator=gen)) for _ in range(2)]
+    grads = [[torch.randn(24, 40, generator=gen) for _ in params] for _ in range(2)]
+    for keys in refresh.SETTINGS.values():
+        times = refresh._time_steps(params, 2, grads, keys, rank=6, steps=3, warmup=1)
+        assert len(times) == 3 and all(t > 0 for t in times)
+    opt = gradlore_dct_optimizer(params)
+    picks = []
+    for t in range(3):
+        for p, g in zip(params, grads[t % 2]):
+            p.grad = g
+        opt.step()
+        picks.append(opt.state[params[0]]["proj.indices"].clone())
+    assert not torch.equal(picks[0], picks[1]) and torch.equal(picks[0], picks[2])
+    stages = refresh.stage_times((24, 40), 6, repeat=1)
+    assert set(stages) == {"transform", "score+top-r", "refresh (all)", "steady Q_idxᵀG"}
+
+
+def gradlore_dct_optimizer(params):
+    import gradlore
+
+    return gradlore.LowRankAdamW([{"params": params, **gradlore.presets.dct(rank=6)}], lr=1e-4)
