@@ -150,15 +150,17 @@ def test_state_dtypes_survive_load():
     assert st["fira.prev_norm"].dtype == torch.float32
 
 
-def test_dct_state_holds_indices_only():
+@pytest.mark.parametrize("preset", ["dct", "dct_galore"])
+def test_dct_state_holds_indices_only(preset):
     w = torch.nn.Parameter(torch.randn(64, 96))
-    opt = gradlore.LowRankAdamW([{"params": [w], **gradlore.presets.dct(rank=8)}])
+    opt = gradlore.LowRankAdamW([{"params": [w], **getattr(gradlore.presets, preset)(rank=8)}])
     w.grad = torch.randn_like(w)
     opt.step()
     st = opt.state[w]
-    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "refresh.t", "refresh.next", "proj.indices"}
+    ages = {"remap.age"} if preset == "dct" else set()  # the published recipe: each row's age (r,) float32
+    assert set(st) == {"step", "exp_avg", "exp_avg_sq", "refresh.t", "refresh.next", "proj.indices"} | ages
     assert st["proj.indices"].shape == (8,)
-    nominal = 2 * 8 * 96 * 4 + 8 * 8 + 4 + 8 + 8
+    nominal = 2 * 8 * 96 * 4 + 8 * 8 + 4 + 8 + 8 + 4 * 8 * len(ages)
     assert state_bytes(opt, include_shared=False) == nominal
 
 

@@ -1,7 +1,9 @@
 """One battery over every registered part, generated from the registries: a part is tested the moment it is
 registered. Every projector × residual × refresh rule × moment policy, in both orientations and in three
 dtypes, must save, load with ``weights_only=True`` and continue bit-exactly (layer-wise mode too); the
-identity projector must reduce to AdamW under every other part; every projector satisfies its contract
+identity projector must reduce to AdamW under every other part; a combination the parts forbid (a moment
+policy that follows basis indices on a projector without them) is refused with a named error; every
+projector satisfies its contract
 for any shape and rank (hypothesis); every registered option rejects a typo of its key and an illegal
 value with a named error."""
 
@@ -17,10 +19,19 @@ from hypothesis import strategies as st
 
 import gradlore
 from gradlore.errors import UserError
-from gradlore.optim.parts import ADAMW_OPTIONS, PROJECTION_OPTIONS, RESIDUALS, SLOTS
+from gradlore.optim.parts import ADAMW_OPTIONS, ON_REFRESH, PROJECTION_OPTIONS, RESIDUALS, SLOTS
 from gradlore.projectors import PROJECTORS, REFRESH, Context
 
-COMBOS = list(itertools.product(*(list(registry) for registry in SLOTS.values())))
+
+def _legal(projector: str, residual: str, refresh: str, on_refresh: str) -> bool:
+    """A moment policy that moves rows with their basis index (remap) needs a projector that selects indices."""
+    needs = getattr(ON_REFRESH.entry(on_refresh).factory, "needs_indices", False)
+    return not needs or getattr(PROJECTORS.entry(projector).factory, "selects_indices", False)
+
+
+ALL_COMBOS = list(itertools.product(*(list(registry) for registry in SLOTS.values())))
+COMBOS = [c for c in ALL_COMBOS if _legal(*c)]
+ILLEGAL = [c for c in ALL_COMBOS if not _legal(*c)]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
 
 
@@ -83,6 +94,17 @@ def test_save_load_continue_is_bit_exact(combo, dtype, layerwise):
     for a, b in zip(ref_model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
         assert torch.isfinite(a).all()
+
+
+def test_the_battery_covers_every_policy_and_each_illegal_combination_is_refused():
+    assert {c[3] for c in COMBOS} == set(ON_REFRESH)  # every policy runs under some projector
+    assert ILLEGAL and {c[0] for c in ILLEGAL} == {p for p in PROJECTORS
+                                                   if not PROJECTORS.entry(p).factory.selects_indices}
+    w = torch.nn.Parameter(torch.zeros(16, 12))
+    for combo in ILLEGAL:
+        with pytest.raises(UserError, match=rf"on_refresh='{combo[3]}'.*projector='{combo[0]}' does not select "
+                                            r"basis indices.*Fix: use a projector that does \('dct', 'columns'"):
+            gradlore.LowRankAdamW([{"params": [w], **_group(*combo)}])
 
 
 def _adamw_run(shape: tuple[int, int], make, steps: int = 9) -> torch.Tensor:
@@ -157,6 +179,8 @@ def _group_choosing(owner: str) -> dict:
     if "=" in owner:
         slot, name = owner.split("=")
         group[slot] = name
+        if slot == "on_refresh" and not _legal("svd", "discard", "every", name):
+            group["projector"] = "dct"  # a legal group, so only the option under test is wrong
     return group
 
 

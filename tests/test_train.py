@@ -75,7 +75,7 @@ def test_tiny_run_learns_and_writes_outputs(tiny_run) -> None:
         assert key in record and record[key] > 0, key
     assert record["tokens"] == 4 * 64
     assert summary["final_val_ppl"] == pytest.approx(math.exp(summary["final_val_loss"]))
-    assert json.loads((out / "config.json").read_text())["optim"]["name"] == "dct"
+    assert json.loads((out / "config.json").read_text())["optim"]["name"] == "dct-galore"
 
 
 def test_golden_loss_curve(tiny_run) -> None:
@@ -271,7 +271,7 @@ def test_resume_applies_a_new_lr_and_schedule_and_records_it(tmp_path: Path, sma
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--optimizer", "adamw"], "optim.name: 'dct' in the run, 'adamw' now"),
+    (["--optimizer", "adamw"], "optim.name: 'dct-galore' in the run, 'adamw' now"),
     (["--rank", "8"], "optim.rank: 16 in the run, 8 now"),
     (["--set", "data.block_size=32"], "data.block_size: 64 in the run, 32 now"),
     (["--preset", "default"], "the preset cannot change"),

@@ -64,7 +64,7 @@ def test_presets_are_valid_and_roundtrip() -> None:
     for name in PRESETS:
         cfg = preset(name).validate()
         assert RunConfig.from_dict(cfg.to_dict()) == cfg
-    assert preset("default").model.size == "small" and preset("default").optim.name == "dct"
+    assert preset("default").model.size == "small" and preset("default").optim.name == "dct-galore"
     assert preset("galore_60m").model.size == "llama_60m" and preset("galore_60m").train.bf16
 
 

@@ -1,3 +1,3 @@
 """``gradlore.presets``: kept for scripts that import it; the presets live beside the optimizer."""
 
-from gradlore.optim.presets import PRESETS, dct, dct_fira, fira, frugal, galore, names  # noqa: F401
+from gradlore.optim.presets import PRESETS, dct, dct_fira, dct_galore, fira, frugal, galore, names  # noqa: F401

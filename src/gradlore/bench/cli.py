@@ -1,20 +1,22 @@
 """``gradlore bench``: side-by-side benchmarks against torch AdamW and the peer packages.
 
 Sub-commands, one line each: ``optim`` (optimizer step time and retained state), ``pretrain`` (small LLaMA
-pretraining with every optimizer, LR-swept), ``welore`` (compression of a real model), ``tokenize``
-(corpus-scale tokenization and the token cache), ``distributed`` (refresh cost on several processes),
-``finetune`` (SmolLM2 through the Hugging Face Trainer with every method, LoRA included).
+pretraining with every optimizer, LR-swept, over seeds), ``refresh`` (the cost of per-step DCT column
+selection), ``welore`` (compression of a real model), ``tokenize`` (corpus-scale tokenization and the token
+cache), ``distributed`` (refresh cost on several processes), ``finetune`` (SmolLM2 through the Hugging Face
+Trainer with every method, LoRA included).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from gradlore.bench import distributed, finetune, optim, pretrain, tokenize, welore
+from gradlore.bench import distributed, finetune, optim, pretrain, refresh, tokenize, welore
 
 BENCHES = {
     "optim": (optim, "optimizer step time and state memory against the peers"),
-    "pretrain": (pretrain, "pretrain a small LLaMA with every optimizer, LR-swept"),
+    "pretrain": (pretrain, "pretrain a small LLaMA with every optimizer, LR-swept, over seeds"),
+    "refresh": (refresh, "what re-selecting the DCT columns every step costs (dct at gap 1 vs gap 200)"),
     "welore": (welore, "WeLore vs uniform compression of SmolLM2, fine-tuning, speed"),
     "tokenize": (tokenize, "tokens/s encoding a large corpus, and the cached second start"),
     "distributed": (distributed, "refresh time and bytes with DDP / FSDP2 processes (DCT on shards vs SVD)"),

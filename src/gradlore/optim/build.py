@@ -38,7 +38,7 @@ from gradlore.optim.presets import PRESETS
 
 @dataclass
 class OptimConfig:
-    name: str = "dct"                # "adamw", a gradlore preset, or a peer ("galore-torch", "fira-adamw")
+    name: str = "dct-galore"         # "adamw", a gradlore preset, or a peer ("galore-torch", "fira-adamw")
     lr: float = 3e-3
     weight_decay: float = 0.0
     beta1: float = 0.9

@@ -16,7 +16,7 @@ A projected group composes four parts (see ``gradlore.optim.parts``): the projec
 rule, the refresh rule and the moment policy on refresh; the step below only calls them.
 State holds only tensors, each owned by one part: ``step``, ``exp_avg``, ``exp_avg_sq`` (Adam),
 ``proj.basis`` or ``proj.indices`` (projector), ``refresh.t``, ``refresh.next``, … (refresh rule),
-``fira.prev_norm`` (residual rule).
+``fira.prev_norm`` (residual rule), ``remap.age`` (moment policy).
 
 On several processes (``gradlore.optim.distributed``): parameters sharded by FSDP2 (DTensors) are stepped
 on their local pieces, and a projected weight sharded along its long side is projected and updated on its
@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from gradlore.errors import UserError
-from gradlore.optim.adam import adam_directions, adamw_update_
+from gradlore.optim.adam import adamw_update_
 from gradlore.optim.distributed import Comm, frame, local, refresh_sharded
 from gradlore.optim.parts import ADAMW_OPTIONS, Parts, normalize_group
 from gradlore.projectors import Context
@@ -83,7 +83,8 @@ class LowRankAdamW(Optimizer):
     Args:
         params: parameters or groups. A group with ``rank`` is projected; its keys and their defaults are
             declared in ``gradlore.optim.parts`` (``scale`` 0.25, ``projector`` "svd", ``residual`` "discard",
-            ``refresh`` "every" with ``update_proj_gap`` 200, ``on_refresh`` "keep", and each part's options);
+            ``refresh`` "every" with ``update_proj_gap`` 200, ``on_refresh`` "keep", and each part's options;
+            the presets change them: ``gradlore.presets.dct`` refreshes every step with ``on_refresh`` "remap");
             an unknown key or an illegal value is a UserError with a "did you mean".
         lr, betas, eps, weight_decay: as torch.optim.AdamW (weight decay decoupled, before the update).
         fused: use torch's fused AdamW kernel (default: wherever it exists).
@@ -217,11 +218,8 @@ class LowRankAdamW(Optimizer):
             parts.refresh.tick(state)
             work.append((f, r, self._moments(p, r)))
 
-        beta1, beta2 = group["betas"]
-        directions = adam_directions(
-            [w[1] for w in work], [w[2]["exp_avg"] for w in work], [w[2]["exp_avg_sq"] for w in work],
-            [w[2]["step"] for w in work], beta1=beta1, beta2=beta2, eps=group["eps"], fused=group["fused"],
-        )
+        directions = parts.on_refresh.directions([w[1] for w in work], [w[2] for w in work], group["betas"],
+                                                 group["eps"], group["fused"])  # D (r, l) each
         lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
         for (f, r, state), d in zip(work, directions):
             shards = {"comm": comm} if f.layout == "cols" else {}  # column sums span the ranks

@@ -1,26 +1,106 @@
-"""What a refresh does to the projected Adam moments (r, l): each policy is a part (``on_refresh``).
+"""What a refresh does to the projected Adam moments (r, l), and how they turn into Adam's direction.
 
-- ``keep`` (GaLore): the moments stay as they are; row k now describes the new basis direction k.
+Each policy is a part (``on_refresh``):
+
+- ``keep`` (GaLore, arXiv 2403.03507): the moments stay as they are; row k now describes the new basis
+  direction k, whatever direction it described before.
 - ``reset`` (FRUGAL, arXiv 2411.07837): moments and Adam's step count restart from zero at every refresh
   after the first, so no statistic of the old subspace leaks into the new one.
+- ``remap`` (the SVD-free method as its authors run it, arXiv 2505.17967): for projectors that select
+  basis indices (``projector.selects_indices``: ``dct``, ``columns``), each moment row moves with its basis
+  index; rows of newly selected indices start at zero. With old indices I (sorted) and new ones J,
+
+      m_new[j] = m_old[i] if I[i] = J[j] else 0,    likewise v (and the row's age, below).
+
+  This is exactly the authors' "rotation" m ← m·R, v ← |v·R| with R = Q_Iᵀ Q_J (r, r): Q is orthonormal,
+  so R[i, j] = δ(I[i], J[j]) and the product only moves rows; we move them without a matmul (and without
+  the float rounding that leaks into R's zeros when it is computed).
+
+  Bias correction of a new row (``remap_bias``). Adam divides by c₁ = 1-β₁ᵗ and c₂ = 1-β₂ᵗ because a
+  moment that started at zero t steps ago holds only that much of its weight. A row born a steps ago
+  started at zero a steps ago, so its exact correction uses a, not the tensor's count t:
+  - ``row`` (default): each row keeps its age a (``remap.age``, (r,) float32) and is corrected exactly;
+    a new row's first direction is g/(|g|+ε), as Adam's first step, and a row that was never replaced is
+    corrected exactly as before. The fused kernel takes one count per tensor, so these directions come from
+    foreach ops (``gradlore.optim.adam.adam_directions_by_row``).
+  - ``global``: one count per tensor, as the authors' ``DCTAdamW`` (its step counter is global) and torch's
+    fused kernel. Once t ≫ a (c ≈ 1) a row of age a gets m/√v where Adam gets (m/(1-β₁ᵃ))/√(v/(1-β₂ᵃ)):
+    its direction is (1-β₁ᵃ)/√(1-β₂ᵃ) times Adam's, whatever the gradient (for v in expectation). With
+    β = (0.9, 0.999) that factor is 3.2 at a = 1, peaks at 6.6 at a = 12, is 3.2 at a = 100 and 1.3 at
+    a = 1000: young rows take steps several times larger than the rows that stayed. With per-step
+    refresh a large share of the rows is young at any time.
 
 A policy is called right after the projector chose the new subspace, with ``before`` (the projector's
-``proj.*`` state tensors before the refresh; empty at the first refresh) and the projector itself.
+``proj.*`` state tensors before the refresh; empty at the first refresh) and the projector itself; then,
+every step, ``directions`` turns the projected gradients into Adam's directions D = m̂/(√v̂ + ε).
 """
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
+from gradlore.optim.adam import adam_directions, adam_directions_by_row
 from gradlore.projectors.base import Projector
 
 
-class Keep:
+class Policy:
+    """Moments with one step count per tensor, updated by torch's fused AdamW kernel."""
+
+    needs_indices = False  # True: legal only with a projector whose state is basis indices
+
     def refreshed(self, state: dict, before: dict, projector: Projector) -> None:
         return None
 
+    def directions(self, rs: list[Tensor], states: list[dict], betas: tuple[float, float], eps: float,
+                   fused: bool | None) -> list[Tensor]:
+        """Advance each state's moments with its projected gradient R (r, l) and return D (r, l)."""
+        return adam_directions(rs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                               [s["step"] for s in states], beta1=betas[0], beta2=betas[1], eps=eps, fused=fused)
 
-class Reset:
+
+class Keep(Policy):
+    pass
+
+
+class Reset(Policy):
     def refreshed(self, state: dict, before: dict, projector: Projector) -> None:
         if "exp_avg" in state:
             state["exp_avg"].zero_()
             state["exp_avg_sq"].zero_()
             state["step"].zero_()
+
+
+class Remap(Policy):
+    """Moment rows follow their basis index across a refresh; new rows start at zero (see the module doc)."""
+
+    needs_indices = True
+
+    def __init__(self, remap_bias: str = "row") -> None:
+        self.by_row = remap_bias == "row"
+
+    def refreshed(self, state: dict, before: dict, projector: Projector) -> None:
+        if "exp_avg" not in state:
+            return
+        old, new = before["proj.indices"], state["proj.indices"]  # (r,) each, ascending
+        pos = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)  # where new[j] would sit among old
+        fresh = old.index_select(0, pos) != new  # (r,): j was not selected before
+        keys = ["exp_avg", "exp_avg_sq"] + (["remap.age"] if "remap.age" in state else [])
+        for key in keys:
+            moved = state[key].index_select(0, pos)  # (r, l) or (r,): row j <- old row pos[j]
+            moved[fresh] = 0
+            state[key].copy_(moved)
+
+    def directions(self, rs: list[Tensor], states: list[dict], betas: tuple[float, float], eps: float,
+                   fused: bool | None) -> list[Tensor]:
+        if not self.by_row:
+            return super().directions(rs, states, betas, eps, fused)
+        ages = []
+        for r, s in zip(rs, states):
+            if "remap.age" not in s:
+                s["remap.age"] = torch.zeros(r.shape[0], dtype=torch.float32, device=r.device)  # (r,)
+            ages.append(s["remap.age"])
+        out = adam_directions_by_row(rs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], ages,
+                                     beta1=betas[0], beta2=betas[1], eps=eps)
+        torch._foreach_add_([s["step"] for s in states], 1.0)  # the tensor's count still advances (Fira reads it)
+        return out

@@ -6,7 +6,7 @@ and the options of the four parts it chose (one per slot):
     projector   svd | dct | columns | random | identity     (gradlore.projectors.PROJECTORS)
     residual    discard | fira | sign                       (RESIDUALS)
     refresh     every | lazy                                (gradlore.projectors.REFRESH)
-    on_refresh  keep | reset                                (ON_REFRESH)
+    on_refresh  keep | reset | remap                        (ON_REFRESH; remap needs an index-selecting projector)
 
 ``normalize_group`` fills every default from these declarations (the one place defaults live) and
 rejects an unknown key, a key of a part the group did not choose, or an illegal value, naming the fix.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradlore.errors import UserError, did_you_mean
-from gradlore.optim.moments import Keep, Reset
+from gradlore.optim.moments import Keep, Remap, Reset
 from gradlore.optim.residual import Discard, FiraScale, SignDescent
 from gradlore.projectors import PROJECTORS, REFRESH
 from gradlore.registry import Option, Registry
@@ -34,6 +34,8 @@ RESIDUALS.add("sign", SignDescent, residual_lr_ratio=Option(1.0, float, check=la
 ON_REFRESH = Registry("on_refresh")
 ON_REFRESH.add("keep", Keep)
 ON_REFRESH.add("reset", Reset)
+ON_REFRESH.add("remap", Remap, remap_bias=Option("row", choices=("row", "global"),
+                                                 doc="bias correction of moment rows: per row age, or the tensor's count"))
 
 SLOTS: dict[str, Registry] = {"projector": PROJECTORS, "residual": RESIDUALS, "refresh": REFRESH,
                               "on_refresh": ON_REFRESH}
@@ -126,10 +128,22 @@ def normalize_group(group: dict, where: str) -> dict:
         for key, opt in legal.items():
             if key not in ADAMW_OPTIONS:
                 group.setdefault(key, opt.default)
+        _check_moment_policy(group, where)
         if group["rank"] == 0 and group["residual"] != "sign":
             raise UserError(f"{where}: rank=0 must be a positive integer (0 only with residual='sign', i.e. pure "
                             "signSGD). Fix: e.g. rank=128.")
     return group
+
+
+def _check_moment_policy(group: dict, where: str) -> None:
+    """A policy that moves moment rows with their basis index needs a projector that selects indices."""
+    if getattr(ON_REFRESH.entry(group["on_refresh"]).factory, "needs_indices", False) and not getattr(
+            PROJECTORS.entry(group["projector"]).factory, "selects_indices", False):
+        selecting = [n for n in PROJECTORS if getattr(PROJECTORS.entry(n).factory, "selects_indices", False)]
+        raise UserError(f"{where}: on_refresh={group['on_refresh']!r} moves each moment row with its basis index, "
+                        f"but projector={group['projector']!r} does not select basis indices (its subspace is "
+                        f"not a subset of a fixed basis). Fix: use a projector that does "
+                        f"({', '.join(repr(n) for n in selecting)}), or on_refresh='keep' or 'reset'.")
 
 
 def check_options(options: dict, where: str) -> None:

@@ -48,7 +48,7 @@ class Context(NamedTuple):
 class Projector(Protocol):
     """Maps (s, l) gradients to (r, l) coordinates and back. State lives in ``state`` (tensors only)."""
 
-    selects_indices: bool  # state is ``proj.indices`` into a fixed basis (moment rows can follow them)
+    selects_indices: bool  # state is ``proj.indices`` (r,) int64, ascending, into a fixed basis: moment rows can follow them
     refreshes_on_shards: bool  # refresh() works on a column shard of G, given ctx.comm (else: the whole G)
     reads_gradient: bool  # refresh() depends on G (else every rank computes it alone: seeded or none)
 

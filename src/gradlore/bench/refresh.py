@@ -1,0 +1,148 @@
+"""``gradlore bench refresh``: what per-step column selection costs (issue 9).
+
+The SVD-free method as published re-selects its DCT columns at every step (arXiv 2505.17967). A refresh of a
+weight with oriented gradient G (s, l), s ≤ l, rank r:
+
+    C = Qᵀ G                 (s, l)   a fast DCT-II: scipy's pocketfft on CPU, Makhoul's FFT elsewhere, O(s l log s)
+    score_k = ‖C[k, :]‖₁     (s,)     idx = top-r(score), sorted
+    R = C[idx]               (r, l)   this step's projection: the refresh *replaces* the steady R = Q_idxᵀ G (2 r s l flops)
+    remap                             each moment row follows its index (O(r l) gathers)
+
+Measured here: the optimizer step of a model's projected weights (every attention and MLP weight, GaLore's
+ranks: 128 at ``llama_60m``, 512 at ``llama_1b``) with the ``dct`` preset at ``update_proj_gap=1`` (a refresh
+every step; rows bias-corrected by age, and also with ``remap_bias="global"``, the fused kernel) against the
+same preset at gap 200 (no refresh inside the timed window: the GaLore-style steady step); the share is
+t(gap 1) / t(gap 200) - 1. Two gradient sets alternate, so the selection really changes
+every step and the remap moves rows. Rounds alternate the two settings; medians over the timed steps. With
+``--embeddings`` the embedding and output head (plain fused AdamW) are in the step too, i.e. the whole
+optimizer step of the model. Per distinct shape it also times the stages of one refresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from gradlore.models import SIZES
+from gradlore.optim.lowrank_adamw import LowRankAdamW
+from gradlore.optim.presets import dct
+from gradlore.projectors import Context, dct_basis
+from gradlore.projectors.dct import DCTProjector
+
+RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512}
+
+
+def weight_shapes(size: str, layers: int | None) -> list[tuple[int, int]]:
+    """(out, in) of every attention and MLP weight of ``layers`` blocks (default: all of them)."""
+    s = SIZES[size]
+    block = [(s.hidden, s.hidden)] * 4 + [(s.intermediate, s.hidden)] * 2 + [(s.hidden, s.intermediate)]
+    return block * (s.layers if layers is None else layers)
+
+
+SETTINGS = {  # label -> the dct preset's keys changed
+    "dct, gap 200 (steady step, no refresh)": {"update_proj_gap": 200},
+    "dct, gap 1 (refresh + remap every step; rows corrected by age)": {},
+    "dct, gap 1, remap_bias='global' (fused kernel)": {"remap_bias": "global"},
+}
+
+
+def _time_steps(params: list[torch.Tensor], n_projected: int, grads: list[list[torch.Tensor]], keys: dict, rank: int,
+                steps: int, warmup: int) -> list[float]:
+    """Step times of a fresh optimizer: the first ``n_projected`` params with ``dct`` (+ keys), the rest AdamW."""
+    projected, plain = params[:n_projected], params[n_projected:]
+    groups = [{"params": projected, **dct(rank, **keys)}] + ([{"params": plain}] if plain else [])
+    opt = LowRankAdamW(groups, lr=1e-4)
+    times = []
+    for t in range(warmup + steps):
+        for p, g in zip(params, grads[t % len(grads)]):
+            p.grad = g
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return times[warmup:]
+
+
+def stage_times(shape: tuple[int, int], rank: int, repeat: int = 5) -> dict[str, float]:
+    """Medians (s) of the stages of one refresh and of the steady projection it replaces, for one weight."""
+    gen = torch.Generator().manual_seed(0)
+    g = torch.randn(*shape, generator=gen)
+    g = g.mT if shape[0] >= shape[1] else g  # the oriented (s, l) view, as the optimizer sees it
+    proj = DCTProjector()
+    state: dict = {}
+    proj.refresh(g, rank, state, Context("w", shape[0] >= shape[1], 0))
+    idx = state["proj.indices"]
+    q = dct_basis(g.shape[0])
+    out: dict[str, list[float]] = {"transform": [], "score+top-r": [], "refresh (all)": [], "steady Q_idxᵀG": []}
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        c = proj.coefficients(g)
+        t1 = time.perf_counter()
+        top = torch.topk(c.abs().sum(1), rank, sorted=False).indices.sort().values
+        c.index_select(0, top)
+        t2 = time.perf_counter()
+        proj.refresh(g, rank, state, Context("w", shape[0] >= shape[1], 0))
+        t3 = time.perf_counter()
+        q.index_select(1, idx).mT @ g
+        t4 = time.perf_counter()
+        for key, dt in zip(out, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            out[key].append(dt)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    rank = args.rank or RANKS.get(args.model, 128)
+    shapes = weight_shapes(args.model, args.layers)
+    gen = torch.Generator().manual_seed(args.seed)
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.02) for s in shapes]
+    if args.embeddings:
+        h = SIZES[args.model].hidden
+        params += [torch.nn.Parameter(torch.randn(args.vocab, h, generator=gen) * 0.02) for _ in range(2)]
+    grads = [[torch.randn(p.shape, generator=gen) * 1e-3 for p in params] for _ in range(2)]
+    n = sum(p.numel() for p in params)
+    print(f"bench refresh: {args.model}, {len(shapes)} projected weights (rank {rank})"
+          + (f" + embedding and head ({args.vocab}×{SIZES[args.model].hidden}, AdamW)" if args.embeddings else "")
+          + f", {n / 1e6:.1f}M parameters, {args.threads} threads, {args.rounds} rounds × {args.steps} steps",
+          flush=True)
+    timed: dict[str, list[float]] = {label: [] for label in SETTINGS}
+    for _ in range(args.rounds):
+        for label, keys in SETTINGS.items():
+            timed[label] += _time_steps(params, len(shapes), grads, keys, rank, args.steps, args.warmup)
+    base = statistics.median(next(iter(timed.values())))
+    print("\n| setting | optimizer step, median ms | min ms | vs gap 200 |\n|---|---|---|---|")
+    for label, ts in timed.items():
+        med = statistics.median(ts)
+        print(f"| {label} | {med * 1e3:.1f} | {min(ts) * 1e3:.1f} | {100 * (med / base - 1):+.1f}% |")
+    print("\nStages of one refresh, per distinct shape (median ms):\n\n| shape (out×in) | transform Qᵀ G | score + "
+          "top-r + gather | whole refresh | steady Q_idxᵀ G it replaces |\n|---|---|---|---|---|")
+    for shape in dict.fromkeys(shapes):
+        st = stage_times(shape, rank)
+        print(f"| {shape[0]}×{shape[1]} | " + " | ".join(f"{v * 1e3:.2f}" for v in st.values()) + " |")
+    return 0
+
+
+def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", default="llama_60m", help="model size whose weight shapes are used")
+    p.add_argument("--layers", type=int, default=None, help="blocks to include (default: all)")
+    p.add_argument("--rank", type=int, default=0, help="rank (default: GaLore's for the size)")
+    p.add_argument("--embeddings", action="store_true", help="add the embedding and head (AdamW) to the step")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per setting and round")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(argparse.ArgumentParser(prog="gradlore bench refresh", description=__doc__))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
