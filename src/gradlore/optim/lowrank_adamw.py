@@ -12,11 +12,19 @@ For a 2-D weight W (m, n) in a group that carries ``rank``:
 Groups without ``rank`` are plain AdamW (same fused kernel), as in galore-torch and Hugging Face.
 Weight decay is applied to the weight before the update, as torch.optim.AdamW does; galore-torch
 and fira apply it after the update (to the updated weight), a difference of O(lr²·wd).
-A projected group composes four parts (see ``gradlore.optim.parts``): the projector, the residual
-rule, the refresh rule and the moment policy on refresh; the step below only calls them.
-State holds only tensors, each owned by one part: ``step``, ``exp_avg``, ``exp_avg_sq`` (Adam),
+A projected group composes five parts (see ``gradlore.optim.parts``): the projector, the residual
+rule, the refresh rule, the moment policy on refresh and the state format; the step below only calls them.
+Every group has a state format (``fp32``, ``8bit``, ``factored``: how m and v are kept). The fp32 format of
+float32 weights runs torch's fused kernel over the whole group at once; the other formats, and weights
+narrower than float32 (pure bf16 training), go weight by weight through ``gradlore.optim.formats.adamw_``,
+in float32, and write the new weight back with the group's ``rounding`` (stochastic by default).
+State holds only tensors, each owned by one part: ``step``, ``exp_avg*`` (the state format),
 ``proj.basis`` or ``proj.indices`` (projector), ``refresh.t``, ``refresh.next``, … (refresh rule),
-``fira.prev_norm`` (residual rule).
+``fira.prev_norm`` (residual rule), ``round.t`` (stochastic rounding's counter).
+
+``found_inf``: a caller (the layer-wise wrapper) may set ``optimizer.found_inf`` to a 0-dim device tensor;
+where it is 1.0 the step changes nothing (weights, moments, clocks), without reading it on the host except
+at a projection refresh, which reads the host anyway.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ from torch.optim import Optimizer
 
 from gradlore.errors import UserError
 from gradlore.optim.adam import adam_directions, adamw_update_
-from gradlore.optim.parts import ADAMW_OPTIONS, Parts, normalize_group
+from gradlore.optim.formats import Hyper, adam_direction, adamw_, step_counter
+from gradlore.optim.parts import ADAMW_OPTIONS, Parts, normalize_group, state_format
+from gradlore.optim.rounding import COUNTER, generator_for, is_wide, write_
 from gradlore.projectors import Context, is_transposed
 from gradlore.projectors.refresh import clock
 
@@ -66,7 +76,8 @@ def restore_state_dtypes(optimizer: Optimizer, state_dict: dict) -> None:
         p = by_id[pid]
         for key, value in saved.items():
             if key != "step" and isinstance(value, Tensor) and value.dtype != optimizer.state[p][key].dtype:
-                device = value.device if key.startswith("refresh.") else p.device  # clocks stay on the CPU
+                on_cpu = key.startswith("refresh.") or key == COUNTER  # clocks stay on the CPU
+                device = value.device if on_cpu else p.device
                 optimizer.state[p][key] = value.detach().to(device=device, copy=True)
 
 
@@ -119,6 +130,7 @@ class LowRankAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
         for gi, group in enumerate(self.param_groups):
             plain, projected = [], []
             for i, p in enumerate(group["params"]):
@@ -127,28 +139,38 @@ class LowRankAdamW(Optimizer):
                 if p.grad.is_sparse:
                     raise UserError("LowRankAdamW does not support sparse gradients; use torch.optim.SparseAdam.")
                 (projected if projects(group, p) else plain).append(i)
-            self._plain_step(group, [group["params"][i] for i in plain])
-            if projected:
-                self._projected_step(gi, group, projected)
+            fmt = state_format(group)
+            self._plain_step(gi, group, plain, fmt, found_inf)
+            # One fused call for the whole group where it can; weight by weight otherwise, so that float32
+            # working copies of narrow weights never coexist.
+            together = fmt.kernel_path and all(is_wide(group["params"][i]) for i in projected)
+            for batch in ([projected] if together else [[i] for i in projected]):
+                if batch:
+                    self._projected_step(gi, group, batch, found_inf)
         return loss
 
-    def _moments(self, p: Tensor, like: Tensor) -> dict:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-        return state
-
-    def _plain_step(self, group: dict, params: list[Tensor]) -> None:
-        states = [self._moments(p, p) for p in params]
+    @staticmethod
+    def _hyper(group: dict) -> Hyper:
         beta1, beta2 = group["betas"]
-        adamw_update_(
-            params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], fused=group["fused"],
-        )
+        return Hyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["fused"])
+
+    def _plain_step(self, gi: int, group: dict, indices: list[int], fmt, found_inf: Tensor | None) -> None:
+        params = [group["params"][i] for i in indices]
+        hp = self._hyper(group)
+        if fmt.kernel_path and all(is_wide(p) for p in params):  # torch's fused kernel, one call
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
+                fmt.init_(state, p, p.dtype)
+                step_counter(state, p.device)
+            adamw_update_(
+                params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                [s["step"] for s in states], lr=hp.lr, beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps,
+                weight_decay=hp.weight_decay, fused=hp.fused, found_inf=found_inf,
+            )
+            return
+        for i, p in zip(indices, params):
+            adamw_(fmt, p, p.grad, self.state[p], hp, found_inf=found_inf, rounding=group["rounding"],
+                   name=param_name(group, gi, i))
 
     def _refresh(self, parts: Parts, group: dict, name: str, g: Tensor, transposed: bool, state: dict) -> Tensor | None:
         """Choose the subspace anew; the refresh rule and the moment policy see the state before and after."""
@@ -166,38 +188,63 @@ class LowRankAdamW(Optimizer):
             parts.on_refresh.refreshed(state, before, parts.projector)
         return r
 
-    def _projected_step(self, gi: int, group: dict, indices: list[int]) -> None:
+    def _projected_step(self, gi: int, group: dict, indices: list[int], found_inf: Tensor | None) -> None:
         parts = Parts.of(group)
-        work = []  # (param in the (s, l) frame, oriented grad (s, l), R (r, l), state)
+        skip = None if found_inf is None else found_inf.bool()
+        work = []  # (param, working weight (m, n), oriented grad (s, l), R (r, l), state, name)
         for i in indices:
             p = group["params"][i]
             state = self.state[p]
+            name = param_name(group, gi, i)
+            # A weight narrower than float32 is updated through float32 copies of itself and its gradient.
+            weight, grad = (p, p.grad) if is_wide(p) else (p.detach().float(), p.grad.float())
+            if skip is not None:
+                grad.masked_fill_(skip, 0.0)  # a skipped gradient is discarded anyway; zeros keep every term finite
             transposed = is_transposed(p.shape)
-            g = p.grad.mT if transposed else p.grad  # (s, l) view, no copy
+            g = grad.mT if transposed else grad  # (s, l) view, no copy
             r = None
             if parts.refresh.due(state):
-                r = self._refresh(parts, group, param_name(group, gi, i), g, transposed, state)
+                if found_inf is not None and bool(found_inf):  # the refresh reads the host anyway
+                    continue  # never choose a subspace from a skipped gradient: nothing changes for this weight
+                r = self._refresh(parts, group, name, g, transposed, state)
             if r is None:
                 r = parts.projector.down(g, state)
             parts.refresh.tick(state)
-            work.append((p.mT if transposed else p, g, r, self._moments(p, r)))
+            work.append((p, weight, g, r, state, name))
+        if not work:
+            return
 
-        beta1, beta2 = group["betas"]
-        directions = adam_directions(
-            [w[2] for w in work], [w[3]["exp_avg"] for w in work], [w[3]["exp_avg_sq"] for w in work],
-            [w[3]["step"] for w in work], beta1=beta1, beta2=beta2, eps=group["eps"], fused=group["fused"],
-        )
-        lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
-        for (w, g, r, state), d in zip(work, directions):
+        hp = self._hyper(group)
+        if parts.state.kernel_path:  # fp32 moments: one fused call for every weight of the batch
+            for *_, r, state, _ in work:
+                parts.state.init_(state, r, r.dtype)
+                step_counter(state, r.device)
+            directions = adam_directions(
+                [w[3] for w in work], [w[4]["exp_avg"] for w in work], [w[4]["exp_avg_sq"] for w in work],
+                [w[4]["step"] for w in work], beta1=hp.beta1, beta2=hp.beta2, eps=hp.eps, fused=hp.fused,
+                found_inf=found_inf,
+            )
+        else:
+            directions = [adam_direction(parts.state, w[3], w[4], hp, found_inf) for w in work]
+        lr, wd, scale = hp.lr, hp.weight_decay, group["scale"]
+        owned = getattr(parts.residual, "state_keys", ())
+        for (p, weight, g, r, state, name), d in zip(work, directions):
+            w = weight.mT if is_transposed(p.shape) else weight  # (s, l) view of the working weight
+            kept = {k: state[k].clone() for k in owned if k in state} if skip is not None else {}
             fix = parts.residual(g, r, d, state, parts.projector, group["betas"])
+            for k, old in kept.items():  # a skipped step leaves the residual rule's state as it was
+                state[k] = torch.where(skip, old, state[k])
             if scale != 1:
                 d.mul_(scale)
             if fix is not None and fix.low is not None:
                 d.add_(fix.low)
             if wd != 0:
-                w.mul_(1.0 - lr * wd)
+                w.mul_(1.0 - lr * wd if skip is None else torch.where(skip, 1.0, 1.0 - lr * wd).to(w.dtype))
             parts.projector.up_add_(w, d, state, -lr)  # W -= lr · P·(scale·D + low), fused into one addmm
             if fix is not None and fix.col is not None:
                 w.addcmul_(g, fix.col[None, :], value=-lr)
             if fix is not None and fix.dense is not None:
                 w.add_(fix.dense, alpha=-lr)
+            if weight is not p:
+                gen = generator_for(state, name, p.device) if group["rounding"] == "stochastic" else None
+                write_(p, weight, group["rounding"], gen)

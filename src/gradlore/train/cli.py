@@ -25,6 +25,7 @@ from gradlore.errors import UserError
 from gradlore.models import SIZES
 from gradlore.optim.build import optimizer_names
 from gradlore.train.config import RunConfig, apply_override, load_run_config
+from gradlore.train.memory import LEVELS
 from gradlore.train.presets import PRESETS, resolve
 from gradlore.train.rundir import CONFIG_FILE
 from gradlore.train.trainer import run
@@ -34,6 +35,7 @@ EPILOG = """examples:
   gradlore train --preset tiny --optimizer adamw --steps 200 --out runs/tiny
   gradlore train --data notes.txt --model small --optimizer fira --set optim.update_proj_gap=200
   gradlore train --out runs/x --resume              # continue a killed run exactly where it stopped
+  gradlore train --preset galore_60m --memory low   # every memory saving at once (README: Memory)
   gradlore finetune --model runs/smol-w20 --data notes.txt --steps 100 --out runs/smol-w20-ft
   gradlore analyze --steps 300 --out runs/analyze   # gradient-rank statistics by layer type
 """
@@ -60,6 +62,9 @@ def _common(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set optim.rank=64 (repeatable)")
+    p.add_argument("--memory", choices=list(LEVELS), help="low: chunked loss, activation checkpointing, bf16 "
+                   "weights with stochastic rounding, 8-bit optimizer states, layer-wise updates, allocator "
+                   "release (each also a config field: memory.*, optim.state, optim.plain_state, optim.layerwise)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(default_preset=preset)
 
@@ -98,8 +103,9 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
 
 
 def _assignments(args: argparse.Namespace) -> list[str]:
-    """Flags first, then --set (so --set wins)."""
-    out = [f"{key}={getattr(args, name)}" for name, key in FLAGS.items() if getattr(args, name, None) is not None]
+    """--memory first, then the flags, then --set (so --set wins)."""
+    out = list(LEVELS[args.memory]) if getattr(args, "memory", None) else []
+    out += [f"{key}={getattr(args, name)}" for name, key in FLAGS.items() if getattr(args, name, None) is not None]
     if getattr(args, "full", False):
         out.append("model.trainable=all")
     elif getattr(args, "train_norms", False):

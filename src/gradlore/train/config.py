@@ -1,10 +1,10 @@
 """Typed, self-validating run configuration, ``--set`` overrides, and what ``--resume`` may change.
 
 A run is one ``RunConfig``: ``data`` (``gradlore.data.config``), ``model``, ``optim``
-(``gradlore.optim.build``), ``schedule``, ``train`` and ``analysis``. Presets are Python functions
-(``gradlore.train.presets``). Overrides name a field by its dotted path (``optim.rank=64``); the value is
-parsed by the field's type, and an unknown field or a value of the wrong type is a UserError that names
-the field, suggests the closest one and lists what would work.
+(``gradlore.optim.build``), ``schedule``, ``train``, ``analysis`` and ``memory`` (``gradlore.train.memory``).
+Presets are Python functions (``gradlore.train.presets``). Overrides name a field by its dotted path
+(``optim.rank=64``); the value is parsed by the field's type, and an unknown field or a value of the wrong
+type is a UserError that names the field, suggests the closest one and lists what would work.
 
 The learning rate at step t (0-based, warmup W, total S, floor ρ) is
 
@@ -30,6 +30,7 @@ from gradlore.data.config import DataConfig
 from gradlore.errors import UserError, did_you_mean, require_positive
 from gradlore.models import check_size
 from gradlore.optim.build import OptimConfig
+from gradlore.train.memory import MemoryConfig
 
 TRAINABLE = ("all", "lrc", "lrc+norms")
 
@@ -106,6 +107,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def sections(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preset"}
@@ -218,7 +220,7 @@ def apply_override(cfg: RunConfig, assignment: str) -> str:
 FIXED_ON_RESUME = (
     "data.*", "model.*", "optim.name", "optim.rank", "optim.update_proj_gap", "optim.scale", "optim.target_modules",
     "optim.overrides", "optim.layerwise", "optim.beta1", "optim.beta2", "optim.eps", "train.batch_size",
-    "train.grad_accum", "train.seed", "train.bf16",
+    "train.grad_accum", "train.seed", "train.bf16", "optim.state", "optim.plain_state", "memory.weights",
 )
 
 
