@@ -39,8 +39,8 @@ _LUT_SHIFT = 12  # keep the top 32 - 12 = 20 bits of a float32
 
 def code_values(kind: str, signed: bool) -> list[float]:
     """The sorted code book: 255 (signed) or 256 (unsigned) values in [-1, 1] or [0, 1], 0 and ±1 included."""
-    if kind == "linear":
-        return torch.linspace(-1.0 if signed else 0.0, 1.0, 255 if signed else 256, dtype=torch.float64).tolist()
+    if kind == "linear":  # k/127 for k in -127..127 (an exact zero), or k/255 for k in 0..255
+        return [k / 127 for k in range(-127, 128)] if signed else [k / 255 for k in range(256)]
     if kind != "dynamic":
         raise ValueError(f"unknown code book {kind!r}; valid: {', '.join(CODES)}")
     bits = 7 if signed else 8  # bits after the sign bit

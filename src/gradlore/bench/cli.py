@@ -2,20 +2,21 @@
 
 Sub-commands, one line each: ``optim`` (optimizer step time and retained state), ``pretrain`` (small LLaMA
 pretraining with every optimizer, LR-swept), ``welore`` (compression of a real model), ``tokenize``
-(corpus-scale tokenization and the token cache).
+(corpus-scale tokenization and the token cache), ``memory`` (peak memory of real training processes).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from gradlore.bench import optim, pretrain, tokenize, welore
+from gradlore.bench import memory, optim, pretrain, tokenize, welore
 
 BENCHES = {
     "optim": (optim, "optimizer step time and state memory against the peers"),
     "pretrain": (pretrain, "pretrain a small LLaMA with every optimizer, LR-swept"),
     "welore": (welore, "WeLore vs uniform compression of SmolLM2, fine-tuning, speed"),
     "tokenize": (tokenize, "tokens/s encoding a large corpus, and the cached second start"),
+    "memory": (memory, "peak RSS of real training runs: AdamW, peers, the memory parts one by one; 1B; quality"),
 }
 
 

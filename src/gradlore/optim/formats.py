@@ -96,10 +96,11 @@ class Blockwise8bit(Full):
     def quantized(self, like: Tensor) -> bool:
         return like.numel() >= max(self.min_size, 1)
 
-    def init_(self, state: dict, like: Tensor, dtype: torch.dtype) -> None:
+    def init_(self, state: dict, like: Tensor, dtype: torch.dtype, keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+              ) -> None:
         if not self.quantized(like):
             return super().init_(state, like, dtype)
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in keys:
             if f"{key}.codes" not in state:
                 state[f"{key}.codes"] = torch.zeros(like.numel(), dtype=torch.uint8, device=like.device)
                 state[f"{key}.absmax"] = torch.zeros(num_blocks(like.numel(), self.block), dtype=torch.float32,
@@ -143,10 +144,12 @@ class Factored(Blockwise8bit):
     def factored(self, like: Tensor) -> bool:
         return like.dim() == 2 and self.quantized(like)
 
-    def init_(self, state: dict, like: Tensor, dtype: torch.dtype) -> None:
-        super().init_(state, like, dtype)
-        if self.factored(like) and "exp_avg_sq.row" not in state:
-            del state["exp_avg_sq.codes"], state["exp_avg_sq.absmax"]
+    def init_(self, state: dict, like: Tensor, dtype: torch.dtype, keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+              ) -> None:
+        if not self.factored(like):
+            return super().init_(state, like, dtype)
+        super().init_(state, like, dtype, keys=("exp_avg",))
+        if "exp_avg_sq.row" not in state:
             state["exp_avg_sq.row"] = torch.zeros(like.shape[0], dtype=torch.float32, device=like.device)
             state["exp_avg_sq.col"] = torch.zeros(like.shape[1], dtype=torch.float32, device=like.device)
 
@@ -167,7 +170,7 @@ class Factored(Blockwise8bit):
         col_sq = torch.zeros(cols, dtype=torch.float32, device=grad.device)
         step = max(CHUNK // cols, 1)
         for i in range(0, rows, step):
-            sq = grad[i:i + step].float().square_().add_(self.EPS1)  # (rows_chunk, cols)
+            sq = grad[i:i + step].float().square().add_(self.EPS1)  # (rows_chunk, cols); never in place on grad
             row_sq[i:i + step] = sq.sum(1)
             col_sq += sq.sum(0)
         skip = None if found_inf is None else found_inf.bool()
