@@ -161,21 +161,21 @@ def _mib(x: float) -> str:
 
 def _row(r: dict[str, Any], base: dict[str, float]) -> str:
     s = r.get("summary")
-    ratios = " | ".join(f"{r['peak_rss_bytes'] / b:.2f}×" if b else "–" for b in base.values())
+    ratios = "".join(f" {r['peak_rss_bytes'] / b:.2f}× |" if b else " – |" for b in base.values())
     if s is None:
         why = (f"killed at RSS {_mib(r['killed_at_rss_bytes'])} MiB (limit {_mib(r['rss_limit_bytes'])})"
                if r["killed_at_rss_bytes"] else f"failed (exit {r['exit']})")
-        return f"| {r['name']} | {_mib(r['peak_rss_bytes'])} | {ratios} | {why} | | | | | | |"
+        return f"| {r['name']} | {_mib(r['peak_rss_bytes'])} |{ratios} {why} | | | | | | |"
     m = s["memory"]
     b = m["breakdown_bytes"]
     steps = max(s["steps"], 1)
-    return (f"| {r['name']} | {_mib(r['peak_rss_bytes'])} | {ratios} | {_mib(b['runtime'])} | {_mib(b['parameters'])} | "
+    return (f"| {r['name']} | {_mib(r['peak_rss_bytes'])} |{ratios} {_mib(b['runtime'])} | {_mib(b['parameters'])} | "
             f"{_mib(b['gradients'])} | {_mib(b['optimizer_state'])} | {_mib(b['activations_and_other'])} | "
             f"{m['model_state_bytes_per_param']:.2f} | {s['train_seconds'] / steps:.1f} |")
 
 
 def table(records: list[dict[str, Any]], base: dict[str, float]) -> str:
-    head = ("| config | peak RSS MiB | " + " | ".join(f"vs {k}" for k in base) + " | runtime | parameters | "
+    head = ("| config | peak RSS MiB | " + "".join(f"vs {k} | " for k in base) + "runtime | parameters | "
             "gradients at peak | optimizer state | activations + other | model state B/param | s/step |")
     sep = "|---" * (2 + len(base) + 7) + "|"
     return "\n".join([head, sep, *(_row(r, base) for r in records)])
