@@ -14,5 +14,6 @@ printf 'torch==%s\n' "${TORCH_VERSION:-2.13.0}" > .venv/torch-constraint.txt
   transformers==5.24.0 accelerate==1.15.0 peft==0.21.2 lm-eval==0.4.13
 .venv/bin/python -c "import peft, lm_eval, accelerate, transformers; from lm_eval.models.huggingface import HFLM"
 # The peers (test-time oracles) declare loose deps that we already satisfy; install them without deps.
-.venv/bin/python -m pip install -q --no-deps galore-torch==1.0 fira==1.0.2 ista-daslab-optimizers==1.1.15
+.venv/bin/python -m pip install -q --no-deps galore-torch==1.0 fira==1.0.2 q-galore-torch==1.0 apollo-torch==1.0.3 \
+  ista-daslab-optimizers==1.1.15
 .venv/bin/python -c "import torch, gradlore; print('gradlore', gradlore.__version__, 'torch', torch.__version__)"

@@ -173,7 +173,7 @@ def test_bad_rank_is_a_clear_error(bad):
 
 def test_unknown_parts_list_the_valid_ones():
     w = torch.nn.Parameter(torch.randn(8, 8))
-    with pytest.raises(UserError, match="projector='pca' is not allowed; choose one of 'svd', 'dct'"):
+    with pytest.raises(UserError, match="projector='pca' is not allowed; choose one of 'svd', 'svd-int4', 'dct'"):
         gradlore.LowRankAdamW([{"params": [w], "rank": 2, "projector": "pca"}])
     with pytest.raises(UserError, match="residual='x' is not allowed; choose one of 'discard', 'fira', 'sign'"):
         gradlore.LowRankAdamW([{"params": [w], "rank": 2, "residual": "x"}])

@@ -57,8 +57,11 @@ def check_size(name: str) -> None:
                         f"{', '.join(SIZES)} (or --init PATH for a pretrained folder).")
 
 
-def build_llama(size: str, vocab_size: int, max_positions: int) -> nn.Module:
-    """A freshly initialised ``LlamaForCausalLM`` of the named size (seed torch first for repeatability)."""
+def build_llama(size: str, vocab_size: int, max_positions: int, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A freshly initialised ``LlamaForCausalLM`` of the named size (seed torch first for repeatability).
+
+    Built directly in ``dtype`` (no float32 copy at any time); the weights equal the float32 ones cast to it.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM  # heavy: imported when a model is built
 
     check_size(size)
@@ -75,7 +78,12 @@ def build_llama(size: str, vocab_size: int, max_positions: int) -> nn.Module:
         tie_word_embeddings=False,
         use_cache=False,
     )
-    return LlamaForCausalLM(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def smollm2(refresh: bool = False) -> Path:

@@ -4,14 +4,14 @@ Sub-commands, one line each: ``optim`` (optimizer step time and retained state),
 pretraining with every optimizer, LR-swept, over seeds), ``refresh`` (the cost of per-step DCT column
 selection), ``welore`` (compression of a real model), ``tokenize`` (corpus-scale tokenization and the token
 cache), ``distributed`` (refresh cost on several processes), ``finetune`` (SmolLM2 through the Hugging Face
-Trainer with every method, LoRA included).
+Trainer with every method, LoRA included), ``memory`` (peak memory of real training processes).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from gradlore.bench import distributed, finetune, optim, pretrain, refresh, tokenize, welore
+from gradlore.bench import distributed, finetune, memory, optim, pretrain, refresh, tokenize, welore
 
 BENCHES = {
     "optim": (optim, "optimizer step time and state memory against the peers"),
@@ -22,6 +22,7 @@ BENCHES = {
     "distributed": (distributed, "refresh time and bytes with DDP / FSDP2 processes (DCT on shards vs SVD)"),
     "finetune": (finetune, "fine-tune SmolLM2 through transformers.Trainer: AdamW, LoRA (peft), GaLore, DCT, Fira, "
                            "layer-wise DCT, WeLore LRC-only"),
+    "memory": (memory, "peak RSS of real training runs: AdamW, peers, the memory parts one by one; 1B; quality"),
 }
 
 

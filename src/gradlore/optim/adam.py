@@ -36,16 +36,21 @@ def adamw_update_(
     eps: float,
     weight_decay: float,
     fused: bool | None = None,
+    found_inf: Tensor | None = None,
 ) -> None:
-    """In place: p ← p(1 - lr·wd) - lr·m̂/(√v̂ + ε); moments and step counters advance."""
+    """In place: p ← p(1 - lr·wd) - lr·m̂/(√v̂ + ε); moments and step counters advance.
+
+    ``found_inf`` (a device tensor, fused kernel only): where it is 1.0 nothing changes, without a host sync.
+    """
     if not params:
         return
-    if fused is None:
+    if fused is None or found_inf is not None:  # only the fused kernel skips on found_inf
         fused = default_fused(params)
     _torch_adamw(
         params, grads, exp_avgs, exp_avg_sqs, [], steps,
         foreach=None if fused else True, fused=fused or None,
         amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+        found_inf=found_inf,
     )
 
 
@@ -59,11 +64,12 @@ def adam_directions(
     beta2: float,
     eps: float,
     fused: bool | None = None,
+    found_inf: Tensor | None = None,
 ) -> list[Tensor]:
-    """Advance the moments and return D = m̂/(√v̂ + ε) for each gradient (same shapes)."""
+    """Advance the moments and return D = m̂/(√v̂ + ε) for each gradient (same shapes; zero when skipped)."""
     bufs = [torch.zeros_like(g) for g in grads]
     adamw_update_(bufs, grads, exp_avgs, exp_avg_sqs, steps, lr=1.0, beta1=beta1, beta2=beta2, eps=eps,
-                  weight_decay=0.0, fused=fused)
+                  weight_decay=0.0, fused=fused, found_inf=found_inf)
     if bufs:
         torch._foreach_neg_(bufs)
     return bufs

@@ -6,10 +6,15 @@
   moments of its projected gradient Pᵀ G (r×n) instead of G.
 - ``lora``: LoRA through `peft` (``gradlore.optim.lora``): the model gets rank-r adapters (applied to the model
   by the training driver, ``gradlore.train.lora``) and this builds AdamW over what is trainable: the adapters.
-- a peer package, for comparison: ``galore-torch`` (GaLore's authors' ``GaLoreAdamW``) and ``fira-adamw``
-  (Fira's authors' ``FiraAdamW``), on GaLore's own choice of targets (the 2-D weights of attention and MLP
-  modules). Their states hold Python projector objects, so they cannot be checkpointed with
-  ``weights_only=True`` and the driver refuses to resume them.
+- a peer package, for comparison: ``galore-torch`` (GaLore's authors' ``GaLoreAdamW``), ``fira-adamw``
+  (Fira's authors' ``FiraAdamW``) and ``apollo`` (APOLLO's authors' ``APOLLOAdamW``, arXiv 2412.05270: a random
+  rank-r projection only estimates channel-wise scales of the raw gradient), on GaLore's own choice of targets
+  (the 2-D weights of attention and MLP modules). Their states hold Python projector objects, so they cannot
+  be checkpointed with ``weights_only=True`` and the driver refuses to resume them.
+
+``state`` / ``plain_state`` choose the state format (``fp32``, ``8bit``, ``factored``: how the Adam moments are
+stored) of the projected weights and of every other parameter (embeddings, output head, norms); ``adamw`` with
+a compact format, layer-wise updates or bf16 weights is LowRankAdamW with one plain group (torch's AdamW math).
 
 With ``layerwise`` every parameter is updated inside backward (``LayerwiseOptimizer``), for any of them but
 the peers. ``no_decay`` names parameters that take no weight decay (Hugging Face's split: biases and norms);
@@ -32,8 +37,9 @@ from gradlore.optim.groups import param_groups, parse_targets
 from gradlore.optim.layerwise import LayerwiseOptimizer
 from gradlore.optim.lora import check_lora_options
 from gradlore.optim.lowrank_adamw import LowRankAdamW
-from gradlore.optim.parts import check_options
+from gradlore.optim.parts import QUANT_OPTIONS, STATE_FORMATS, check_options
 from gradlore.optim.presets import PRESETS
+from gradlore.optim.rounding import ROUNDING, is_wide
 
 
 @dataclass
@@ -51,6 +57,9 @@ class OptimConfig:
     overrides: dict = field(default_factory=dict)  # any other param-group key of the preset, as JSON
     grad_clip: float = 1.0               # clip by global norm; 0 = off
     layerwise: bool = False              # update each weight inside backward and free its grad
+    state: str = ""                      # state format of projected weights: fp32 | 8bit | factored ("" = preset's)
+    plain_state: str = ""                # state format of every other parameter ("" = as the projected ones)
+    rounding: str = "stochastic"         # how an update is rounded into a bf16 weight: stochastic | nearest
 
     def validate(self) -> None:
         require_positive(self, "optim", "lr", "rank")
@@ -65,6 +74,16 @@ class OptimConfig:
         if self.name in PEERS and self.layerwise:
             raise UserError(f"{self.name} is wired here only in its ordinary (not layer-wise) form. "
                             "Fix: --set optim.layerwise=false.")
+        for key in ("state", "plain_state"):
+            value = getattr(self, key)
+            if value and value not in STATE_FORMATS:
+                raise UserError(f"optim.{key}={value!r} is not a state format; choose one of "
+                                f"{', '.join(STATE_FORMATS)}.{did_you_mean(value, STATE_FORMATS)}")
+            if value and self.name in PEERS:
+                raise UserError(f"{self.name} keeps its own state; optim.{key} applies to gradlore's optimizers. "
+                                f"Fix: drop optim.{key}.")
+        if self.rounding not in ROUNDING:
+            raise UserError(f"optim.rounding={self.rounding!r} must be one of {', '.join(ROUNDING)}.")
         if self.name in PRESETS:
             check_options(PRESETS[self.name](rank=self.rank, **self.group_overrides()), f"optimizer {self.name}")
         if self.name == "lora":
@@ -77,7 +96,17 @@ class OptimConfig:
             extra["update_proj_gap"] = self.update_proj_gap
         if self.scale is not None:
             extra["scale"] = self.scale
+        if self.state:
+            extra["state"] = self.state
         return extra
+
+    def plain_group_keys(self, projected_state: str) -> dict[str, Any]:
+        """State format (and its options given in ``overrides``) of the unprojected parameters."""
+        state = self.plain_state or projected_state
+        keys: dict[str, Any] = {"state": state, "rounding": self.rounding}
+        if state != "fp32":
+            keys.update({k: v for k, v in self.overrides.items() if k in QUANT_OPTIONS})
+        return keys
 
 
 def _galore_targets(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -89,15 +118,17 @@ def _galore_targets(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Param
     return lowrank, regular
 
 
-def _peer(module: str, cls: str, scale_key: str) -> Callable[..., torch.optim.Optimizer]:
-    """A peer's optimizer class on GaLore's groups; ``scale_key`` is its name for the scale (Fira: alpha)."""
+def _peer(module: str, cls: str, scale_key: str, default_scale: float = 0.25,
+          **extra: Any) -> Callable[..., torch.optim.Optimizer]:
+    """A peer's optimizer class on GaLore's groups; ``scale_key`` is its name for the scale (Fira: alpha);
+    ``extra``: further keys of its projected group."""
 
     def build(model: nn.Module, cfg: OptimConfig, **adamw: Any) -> torch.optim.Optimizer:
         optimizer_cls = getattr(importlib.import_module(module), cls)  # an optional package, imported on use
         lowrank, regular = _galore_targets(model)
         groups = [{"params": regular}, {"params": lowrank, "rank": cfg.rank, "proj_type": "std",
                                         "update_proj_gap": cfg.update_proj_gap or 200,
-                                        scale_key: 0.25 if cfg.scale is None else cfg.scale}]
+                                        scale_key: default_scale if cfg.scale is None else cfg.scale, **extra}]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             return optimizer_cls(groups, no_deprecation_warning=True, **adamw)
@@ -108,6 +139,8 @@ def _peer(module: str, cls: str, scale_key: str) -> Callable[..., torch.optim.Op
 PEERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "galore-torch": _peer("galore_torch", "GaLoreAdamW", "scale"),
     "fira-adamw": _peer("fira", "FiraAdamW", "alpha"),
+    # APOLLO's README setting: random projection, channel-wise scaling, scale 1 (arXiv 2412.05270)
+    "apollo": _peer("apollo_torch", "APOLLOAdamW", "scale", 1.0, proj="random", scale_type="channel"),
 }
 
 
@@ -146,9 +179,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, no_decay: Collection[str
             raise UserError("nothing to train: every parameter of the model is frozen.")
         params: Any = [{"params": [p for _, p in named], "param_names": [n for n, _ in named]}]
         cls: type[torch.optim.Optimizer] = torch.optim.AdamW
+        keys = cfg.plain_group_keys(cfg.state or "fp32")
+        if cfg.layerwise or keys["state"] != "fp32" or not all(is_wide(p) for _, p in named):
+            params[0].update(keys)  # torch's AdamW, plus state formats, float32 math for bf16 weights, found_inf
+            cls = LowRankAdamW
     else:
         params = param_groups(model, method=cfg.name, rank=cfg.rank, target_modules=parse_targets(cfg.target_modules),
                               **cfg.group_overrides())
+        projected_state = params[-1].get("state", "fp32")
+        params[-1]["rounding"] = cfg.rounding
+        for group in params[:-1]:
+            group.update(cfg.plain_group_keys(projected_state))
         cls = LowRankAdamW
     if no_decay:
         params = split_decay(params, set(no_decay))

@@ -7,6 +7,13 @@ are the ones LR schedulers change; every hook copies its group's hyper-parameter
 optimizer before stepping, so schedules work. Gradient accumulation: set ``accumulate = True``
 during the non-final micro-batches and the hooks leave the gradients to accumulate.
 Not possible in this mode: clipping by the global gradient norm (no moment holds all gradients).
+
+Non-finite gradients: every hook folds its gradient's norm into a running norm of the step (a device
+tensor, ``hypot``), and a LowRankAdamW step is told through ``found_inf`` that the running norm is no longer
+finite, so a non-finite gradient is never applied, and neither is any gradient after it in the same
+backward: no host sync per weight. Weights whose finite gradients came before it are already updated. The
+caller reads ``grad_norm()`` once per step (the global norm, as ordinary mode's clipping reports it) and
+counts the step as skipped when it is not finite. Another optimizer class is checked on the host per weight.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from gradlore.optim.lowrank_adamw import LowRankAdamW, param_name, restore_state_dtypes
@@ -34,6 +42,7 @@ class LayerwiseOptimizer(Optimizer):
     ) -> None:
         self.optimizer_cls = optimizer_cls
         self.accumulate = False
+        self._norm: Tensor | None = None  # running global gradient norm of this step (device)
         self._inner: dict[Tensor, Optimizer] = {}
         self._handles: list[Any] = []
         super().__init__(params, defaults)
@@ -58,10 +67,27 @@ class LayerwiseOptimizer(Optimizer):
             # Read the group now, not when the hook was made: load_state_dict replaces the group dicts, and an
             # LR scheduler writes into the current ones.
             inner.param_groups[0].update(_options(self.param_groups[gi]))
-            inner.step()
+            norm = torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32))
+            if isinstance(norm, DTensor):  # FSDP2: the norm of the whole gradient, the same on every rank
+                norm = norm.full_tensor()
+            self._norm = norm if self._norm is None else torch.hypot(self._norm, norm.to(self._norm.device))
+            bad = ~torch.isfinite(self._norm.to(p.device))  # this gradient, or one before it, is not finite
+            if isinstance(inner, LowRankAdamW):
+                inner.found_inf = bad.float()
+                inner.step()
+            elif not bool(bad):
+                inner.step()
             p.grad = None
 
         return hook
+
+    def grad_norm(self) -> float:
+        """The global norm of the gradients stepped since ``zero_grad`` (one host read; NaN if none)."""
+        return float("nan") if self._norm is None else float(self._norm)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._norm = None
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

@@ -12,16 +12,25 @@ For a 2-D weight W (m, n) in a group that carries ``rank``:
 Groups without ``rank`` are plain AdamW (same fused kernel), as in galore-torch and Hugging Face.
 Weight decay is applied to the weight before the update, as torch.optim.AdamW does; galore-torch
 and fira apply it after the update (to the updated weight), a difference of O(lr²·wd).
-A projected group composes four parts (see ``gradlore.optim.parts``): the projector, the residual
-rule, the refresh rule and the moment policy on refresh; the step below only calls them.
-State holds only tensors, each owned by one part: ``step``, ``exp_avg``, ``exp_avg_sq`` (Adam),
+A projected group composes five parts (see ``gradlore.optim.parts``): the projector, the residual
+rule, the refresh rule, the moment policy on refresh and the state format; the step below only calls them.
+Every group has a state format (``fp32``, ``8bit``, ``factored``: how m and v are kept). The fp32 format of
+float32 weights runs torch's fused kernel over the whole group at once; the other formats, and weights
+narrower than float32 (pure bf16 training), go weight by weight through ``gradlore.optim.formats.adamw_``,
+in float32, and write the new weight back with the group's ``rounding`` (stochastic by default).
+State holds only tensors, each owned by one part: ``step``, ``exp_avg*`` (the state format),
 ``proj.basis`` or ``proj.indices`` (projector), ``refresh.t``, ``refresh.next``, … (refresh rule),
-``fira.prev_norm`` (residual rule), ``remap.age`` (moment policy).
+``fira.prev_norm`` (residual rule), ``remap.age`` (moment policy), ``round.t`` (stochastic rounding's counter).
+
+``found_inf``: a caller (the layer-wise wrapper) may set ``optimizer.found_inf`` to a 0-dim device tensor;
+where it is 1.0 the step changes nothing (weights, moments, clocks), without reading it on the host except
+at a projection refresh, which reads the host anyway.
 
 On several processes (``gradlore.optim.distributed``): parameters sharded by FSDP2 (DTensors) are stepped
 on their local pieces, and a projected weight sharded along its long side is projected and updated on its
 own columns; the optimizer's ``comm`` (a process group, set by the trainer or derived from the DTensors)
-makes every rank choose the same subspace. With one process nothing of this runs.
+makes every rank choose the same subspace. With one process nothing of this runs. Several processes take
+float32 weights and ``fp32`` states only (``check_parallel``).
 """
 
 from __future__ import annotations
@@ -38,9 +47,11 @@ from torch.optim import Optimizer
 
 from gradlore.errors import UserError
 from gradlore.optim.adam import adamw_update_
-from gradlore.optim.distributed import Comm, frame, local, refresh_sharded
-from gradlore.optim.parts import ADAMW_OPTIONS, Parts, normalize_group
-from gradlore.projectors import Context
+from gradlore.optim.distributed import Comm, Frame, frame, local, refresh_sharded
+from gradlore.optim.formats import Hyper, adamw_, step_counter
+from gradlore.optim.parts import ADAMW_OPTIONS, Parts, normalize_group, state_format
+from gradlore.optim.rounding import COUNTER, generator_for, is_wide, write_
+from gradlore.projectors import Context, is_transposed
 from gradlore.projectors.refresh import clock
 
 
@@ -73,8 +84,24 @@ def restore_state_dtypes(optimizer: Optimizer, state_dict: dict) -> None:
         p = by_id[pid]
         for key, value in saved.items():
             if key != "step" and isinstance(value, Tensor) and value.dtype != optimizer.state[p][key].dtype:
-                device = value.device if key.startswith("refresh.") else p.device  # clocks stay on the CPU
+                on_cpu = key.startswith("refresh.") or key == COUNTER  # clocks stay on the CPU
+                device = value.device if on_cpu else p.device
                 optimizer.state[p][key] = value.detach().to(device=device, copy=True)
+
+
+def check_parallel(group: dict, parallel: bool) -> None:
+    """Several processes step float32 weights with ``fp32`` states only (what the sharded step supports)."""
+    if not parallel:
+        return
+    if group["state"] != "fp32":
+        raise UserError(f"gradlore: state={group['state']!r} is not supported on several processes (--parallel): "
+                        "its quantized or factored moments are not sharded. Fix: state='fp32' (--set optim.state=fp32 "
+                        "--set optim.plain_state=fp32), or train on one process.")
+    narrow = sorted({str(p.dtype) for p in group["params"] if not is_wide(p)})
+    if narrow:
+        raise UserError(f"gradlore: {', '.join(narrow)} weights are not supported on several processes (--parallel): "
+                        "the sharded step updates float32 weights in place. Fix: float32 weights (--set "
+                        "memory.weights=fp32, autocast keeps bf16 compute), or train on one process.")
 
 
 class LowRankAdamW(Optimizer):
@@ -128,7 +155,11 @@ class LowRankAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        if isinstance(found_inf, DTensor):  # from the norm of sharded gradients: the same on every rank
+            found_inf = found_inf.full_tensor()
         for gi, group in enumerate(self.param_groups):
+            check_parallel(group, self._comm(group) is not None or any(isinstance(p, DTensor) for p in group["params"]))
             plain, projected = [], []
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
@@ -136,29 +167,38 @@ class LowRankAdamW(Optimizer):
                 if p.grad.is_sparse:
                     raise UserError("LowRankAdamW does not support sparse gradients; use torch.optim.SparseAdam.")
                 (projected if projects(group, p) else plain).append(i)
-            self._plain_step(group, [group["params"][i] for i in plain])
-            if projected:
-                self._projected_step(gi, group, projected)
+            fmt = state_format(group)
+            self._plain_step(gi, group, plain, fmt, found_inf)
+            # One fused call for the whole group where it can; weight by weight otherwise, so that float32
+            # working copies of narrow weights never coexist.
+            together = fmt.kernel_path and all(is_wide(group["params"][i]) for i in projected)
+            for batch in ([projected] if together else [[i] for i in projected]):
+                if batch:
+                    self._projected_step(gi, group, batch, found_inf)
         return loss
 
-    def _moments(self, p: Tensor, like: Tensor) -> dict:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-        return state
-
-    def _plain_step(self, group: dict, params: list[Tensor]) -> None:
-        states = [self._moments(p, local(p)) for p in params]  # a sharded parameter: its local piece
+    @staticmethod
+    def _hyper(group: dict) -> Hyper:
         beta1, beta2 = group["betas"]
-        adamw_update_(
-            [local(p) for p in params], [local(p.grad) for p in params], [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["step"] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-            weight_decay=group["weight_decay"], fused=group["fused"],
-        )
+        return Hyper(group["lr"], beta1, beta2, group["eps"], group["weight_decay"], group["fused"])
+
+    def _plain_step(self, gi: int, group: dict, indices: list[int], fmt, found_inf: Tensor | None) -> None:
+        params = [group["params"][i] for i in indices]
+        hp = self._hyper(group)
+        if fmt.kernel_path and all(is_wide(p) for p in params):  # torch's fused kernel, one call
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
+                fmt.init_(state, local(p), p.dtype)  # a sharded parameter: its local piece
+                step_counter(state, p.device)
+            adamw_update_(
+                [local(p) for p in params], [local(p.grad) for p in params], [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states], [s["step"] for s in states], lr=hp.lr, beta1=hp.beta1,
+                beta2=hp.beta2, eps=hp.eps, weight_decay=hp.weight_decay, fused=hp.fused, found_inf=found_inf,
+            )
+            return
+        for i, p in zip(indices, params):  # one process only (check_parallel)
+            adamw_(fmt, p, p.grad, self.state[p], hp, found_inf=found_inf, rounding=group["rounding"],
+                   name=param_name(group, gi, i))
 
     def _refresh(self, parts: Parts, group: dict, name: str, g: Tensor, transposed: bool, state: dict,
                  comm: Comm | None = None) -> Tensor | None:
@@ -198,38 +238,62 @@ class LowRankAdamW(Optimizer):
             self.comm = Comm(mesh.get_group())
         return self.comm if self.comm is not None and self.comm.world > 1 else None
 
-    def _projected_step(self, gi: int, group: dict, indices: list[int]) -> None:
+    def _projected_step(self, gi: int, group: dict, indices: list[int], found_inf: Tensor | None) -> None:
         parts = Parts.of(group)
         comm = self._comm(group)
         params = [group["params"][i] for i in indices]
-        frames = [frame(p, comm) for p in params]  # this rank's W and G in the (s, l) frame, no copy
-        states = [self.state[p] for p in params]
         names = [param_name(group, gi, i) for i in indices]
+        skip = None if found_inf is None else found_inf.bool()
+        frames = []  # this rank's W and G in the (s, l) frame; a narrow weight: float32 working copies
+        for p in params:
+            if is_wide(p):
+                f = frame(p, comm)  # no copy
+            else:  # one process only (check_parallel)
+                t = is_transposed(p.shape)
+                weight, grad = p.detach().float(), p.grad.float()
+                f = Frame(weight.mT if t else weight, grad.mT if t else grad, "whole", t, max(p.shape), None)
+            if skip is not None:
+                f.g.masked_fill_(skip, 0.0)  # a skipped gradient is discarded anyway; zeros keep every term finite
+            frames.append(f)
+        states = [self.state[p] for p in params]
         due = [k for k, state in enumerate(states) if parts.refresh.due(state)]
+        if due and found_inf is not None and bool(found_inf):  # the refresh reads the host anyway
+            # Never choose a subspace from a skipped gradient: nothing changes for these weights. Under several
+            # processes found_inf comes from the global norm, so every rank drops the same weights.
+            kept = [k for k in range(len(params)) if k not in set(due)]
+            params, names, frames, states = ([xs[k] for k in kept] for xs in (params, names, frames, states))
+            due = []
         if comm is None:
             fresh = {k: self._refresh(parts, group, names[k], frames[k].g, frames[k].transposed, states[k]) for k in due}
         else:  # every rank must end with the same subspace
             fresh = refresh_sharded(self, parts, group, names, frames, states, due, comm)
-        work = []  # (frame, R (r, l), state)
+        work = []  # (param, frame, R (r, l), state, name)
         for k, (p, f, state) in enumerate(zip(params, frames, states)):
             r = fresh.get(k)
             if r is None:
                 r = parts.projector.down(f.g, state)
             parts.refresh.tick(state)
-            work.append((f, r, self._moments(p, r)))
+            work.append((p, f, r, state, names[k]))
+        if not work:
+            return
 
-        directions = parts.on_refresh.directions([w[1] for w in work], [w[2] for w in work], group["betas"],
-                                                 group["eps"], group["fused"])  # D (r, l) each
+        directions = parts.on_refresh.directions([w[2] for w in work], [w[3] for w in work], group["betas"],
+                                                 group["eps"], group["fused"], fmt=parts.state,
+                                                 found_inf=found_inf)  # D (r, l) each
         lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
-        for (f, r, state), d in zip(work, directions):
+        owned = getattr(parts.residual, "state_keys", ())
+        for (p, f, r, state, name), d in zip(work, directions):
+            kept_state = {k: state[k].clone() for k in owned if k in state} if skip is not None else {}
             shards = {"comm": comm} if f.layout == "cols" else {}  # column sums span the ranks
             fix = parts.residual(f.g, r, d, state, parts.projector, group["betas"], **shards)
+            for key, old in kept_state.items():  # a skipped step leaves the residual rule's state as it was
+                state[key] = torch.where(skip, old, state[key])
             if scale != 1:
                 d.mul_(scale)
             if fix is not None and fix.low is not None:
                 d.add_(fix.low)
             if wd != 0:
-                f.w.mul_(1.0 - lr * wd)
+                f.w.mul_(1.0 - lr * wd if skip is None else torch.where(skip, 1.0, 1.0 - lr * wd).to(f.w.dtype))
             w = f.w if f.rows is None else torch.zeros_like(f.g)  # rows layout: the whole update, then our rows
             parts.projector.up_add_(w, d, state, -lr)  # W -= lr · P·(scale·D + low), fused into one addmm
             if fix is not None and fix.col is not None:
@@ -238,3 +302,6 @@ class LowRankAdamW(Optimizer):
                 w.add_(fix.dense, alpha=-lr)
             if f.rows is not None:
                 f.w.add_(w[f.rows])
+            if not is_wide(p):  # the float32 working copy back into the narrow weight
+                gen = generator_for(state, name, p.device) if group["rounding"] == "stochastic" else None
+                write_(p, f.w.mT if f.transposed else f.w, group["rounding"], gen)

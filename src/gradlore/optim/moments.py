@@ -5,7 +5,8 @@ Each policy is a part (``on_refresh``):
 - ``keep`` (GaLore, arXiv 2403.03507): the moments stay as they are; row k now describes the new basis
   direction k, whatever direction it described before.
 - ``reset`` (FRUGAL, arXiv 2411.07837): moments and Adam's step count restart from zero at every refresh
-  after the first, so no statistic of the old subspace leaks into the new one.
+  after the first, so no statistic of the old subspace leaks into the new one. It zeroes every ``exp_avg*``
+  tensor, which resets the moments of every state format (``gradlore.optim.formats``).
 - ``remap`` (the SVD-free method as its authors run it, arXiv 2505.17967): for projectors that select
   basis indices (``projector.selects_indices``: ``dct``, ``columns``), each moment row moves with its basis
   index; rows of newly selected indices start at zero. With old indices I (sorted) and new ones J,
@@ -29,6 +30,8 @@ Each policy is a part (``on_refresh``):
     β = (0.9, 0.999) that factor is 3.2 at a = 1, peaks at 6.6 at a = 12, is 3.2 at a = 100 and 1.3 at
     a = 1000: young rows take steps several times larger than the rows that stayed. With per-step
     refresh a large share of the rows is young at any time.
+  ``remap`` moves rows of ``fp32`` moments only (a quantized block spans rows); ``normalize_group`` refuses
+  another state format.
 
 A policy is called right after the projector chose the new subspace, with ``before`` (the projector's
 ``proj.*`` state tensors before the refresh; empty at the first refresh) and the projector itself; then,
@@ -41,7 +44,10 @@ import torch
 from torch import Tensor
 
 from gradlore.optim.adam import adam_directions, adam_directions_by_row
+from gradlore.optim.formats import Full, Hyper, adam_direction, step_counter
 from gradlore.projectors.base import Projector
+
+FP32 = Full()
 
 
 class Policy:
@@ -53,10 +59,20 @@ class Policy:
         return None
 
     def directions(self, rs: list[Tensor], states: list[dict], betas: tuple[float, float], eps: float,
-                   fused: bool | None) -> list[Tensor]:
-        """Advance each state's moments with its projected gradient R (r, l) and return D (r, l)."""
+                   fused: bool | None, fmt: Full = FP32, found_inf: Tensor | None = None) -> list[Tensor]:
+        """Advance each state's moments (kept in ``fmt``) with its projected gradient R (r, l) and return D (r, l).
+
+        ``found_inf`` (a 0-dim device tensor): where it is 1.0 no moment or count changes and D is zero.
+        """
+        if not fmt.kernel_path:
+            hp = Hyper(1.0, betas[0], betas[1], eps, 0.0, fused)
+            return [adam_direction(fmt, r, s, hp, found_inf) for r, s in zip(rs, states)]
+        for r, s in zip(rs, states):  # fp32 moments: one fused call for every weight of the batch
+            fmt.init_(s, r, r.dtype)
+            step_counter(s, r.device)
         return adam_directions(rs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
-                               [s["step"] for s in states], beta1=betas[0], beta2=betas[1], eps=eps, fused=fused)
+                               [s["step"] for s in states], beta1=betas[0], beta2=betas[1], eps=eps, fused=fused,
+                               found_inf=found_inf)
 
 
 class Keep(Policy):
@@ -65,10 +81,9 @@ class Keep(Policy):
 
 class Reset(Policy):
     def refreshed(self, state: dict, before: dict, projector: Projector) -> None:
-        if "exp_avg" in state:
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
-            state["step"].zero_()
+        for key, value in state.items():
+            if key.startswith("exp_avg") or key == "step":
+                value.zero_()
 
 
 class Remap(Policy):
@@ -92,15 +107,26 @@ class Remap(Policy):
             state[key].copy_(moved)
 
     def directions(self, rs: list[Tensor], states: list[dict], betas: tuple[float, float], eps: float,
-                   fused: bool | None) -> list[Tensor]:
+                   fused: bool | None, fmt: Full = FP32, found_inf: Tensor | None = None) -> list[Tensor]:
         if not self.by_row:
-            return super().directions(rs, states, betas, eps, fused)
-        ages = []
-        for r, s in zip(rs, states):
+            return super().directions(rs, states, betas, eps, fused, fmt, found_inf)
+        for r, s in zip(rs, states):  # fmt is fp32 (normalize_group)
+            fmt.init_(s, r, r.dtype)
+            step_counter(s, r.device)
             if "remap.age" not in s:
                 s["remap.age"] = torch.zeros(r.shape[0], dtype=torch.float32, device=r.device)  # (r,)
-            ages.append(s["remap.age"])
-        out = adam_directions_by_row(rs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], ages,
-                                     beta1=betas[0], beta2=betas[1], eps=eps)
-        torch._foreach_add_([s["step"] for s in states], 1.0)  # the tensor's count still advances (Fira reads it)
+        keys = ("exp_avg", "exp_avg_sq", "remap.age")
+        before = [{k: s[k].clone() for k in keys} for s in states] if found_inf is not None else []
+        out = adam_directions_by_row(rs, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                                     [s["remap.age"] for s in states], beta1=betas[0], beta2=betas[1], eps=eps)
+        steps = [s["step"] for s in states]
+        torch._foreach_add_(steps, 1.0)  # the tensor's count still advances (Fira reads it)
+        if found_inf is not None:  # a skipped step: every moment, age and count as it was, D = 0 (no host sync)
+            skip = found_inf.bool()
+            for s, old in zip(states, before):
+                for k in keys:
+                    s[k].copy_(torch.where(skip, old[k], s[k]))
+            torch._foreach_sub_(steps, found_inf)
+            for d in out:
+                d.masked_fill_(skip, 0.0)
         return out

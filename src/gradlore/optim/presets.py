@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from gradlore.optim.parts import PROJECTION_OPTIONS, part_options
+from gradlore.optim.parts import GROUP_OPTIONS, PROJECTION_OPTIONS, part_options
 
 Group = dict[str, Any]
 
@@ -24,7 +24,7 @@ def _compose(base: Group, overrides: dict[str, Any]) -> Group:
         overrides = {**overrides, "scale": overrides["alpha"]}
         del overrides["alpha"]
     group = {**base, **overrides}
-    legal = set(PROJECTION_OPTIONS) | set(part_options(group))
+    legal = set(PROJECTION_OPTIONS) | set(GROUP_OPTIONS) | set(part_options(group))
     return {k: v for k, v in group.items() if k in legal or k in overrides}
 
 
@@ -80,6 +80,15 @@ def dct_fira(rank: int = 128, **overrides: Any) -> Group:
     return fira(rank, **_compose({"projector": "dct", "dct_norm": "l1"}, overrides))
 
 
+def q_galore(rank: int = 128, **overrides: Any) -> Group:
+    """Q-GaLore (arXiv 2407.08296): GaLore's SVD basis stored as int4 (groups of 256), refreshed lazily (the gap
+    doubles once 5 refreshes in a row overlap by >= 0.4), Adam moments in 8 bits. Its INT8 weights with
+    stochastic rounding are, here, bf16 weights with stochastic rounding (``--memory low``)."""
+    base = {"projector": "svd-int4", "basis_group": 256, "refresh": "lazy", "lazy_threshold": 0.4, "lazy_window": 5,
+            "lazy_growth": 2.0, "state": "8bit"}
+    return galore(rank, **_compose(base, overrides))
+
+
 PRESETS: dict[str, Callable[..., Group]] = {
     "galore": galore,
     "dct": dct,
@@ -87,6 +96,7 @@ PRESETS: dict[str, Callable[..., Group]] = {
     "fira": fira,
     "frugal": frugal,
     "dct-fira": dct_fira,
+    "q_galore": q_galore,
 }
 
 

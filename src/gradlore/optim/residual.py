@@ -52,6 +52,8 @@ class Discard:
 
 
 class FiraScale:
+    state_keys = ("fira.prev_norm",)  # the state this rule owns (a skipped step restores it)
+
     def __init__(self, fira_gamma: float) -> None:
         self.gamma = fira_gamma
 
@@ -63,8 +65,8 @@ class FiraScale:
         c = ((1.0 - beta2**step).sqrt() / (1.0 - beta1**step)).to(wide)
         r_sq = r.square().sum(0)  # ‖R_j‖², (l,); a row-wise sum, fast on the (r, l) layout
         phi = (d.square().sum(0).sqrt() / c.to(d.dtype)) / (r_sq.sqrt() + 1e-8)  # (l,)
-        gram = projector.gram(state)  # PᵀP (r, r), or None where the basis is orthonormal by construction
-        r_m_r = r_sq if gram is None else (r * (gram @ r)).sum(0)
+        gram = projector.gram(state, g.shape[0])  # PᵀP (r, r), or None where the basis is orthonormal by construction
+        r_m_r = r_sq if gram is None else (r * (gram.to(r.dtype) @ r)).sum(0)
         res_sq = _col_sq(g) - 2 * r_sq + r_m_r  # ‖S_j‖² = ‖G_j‖² - 2‖R_j‖² + R_jᵀPᵀPR_j, (l,)
         norm_sq = (phi.square() * res_sq.clamp_min(0)).sum()
         if comm is not None:  # g is this rank's columns: the norm runs over every rank's

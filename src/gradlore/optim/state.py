@@ -10,6 +10,7 @@ FSDP2) is charged for its local piece: what this process retains.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any
 
 from torch import Tensor, nn
@@ -81,3 +82,29 @@ def state_bytes(optimizer: Optimizer, *, include_shared: bool = True) -> int:
     exclude = [_local(t) for p in params for t in (p, p.grad) if t is not None]
     total = retained_bytes(dict(optimizer.state), exclude)
     return total + (DCT_BASES.nbytes(dct_sizes(optimizer)) if include_shared else 0)
+
+
+def state_kind(key: Any) -> str:
+    """What a state entry is: ``moments`` (Adam's m and v in any format), ``projector`` (bases, indices,
+    int4 codes), or ``other`` (step counters, refresh clocks, Fira's norm, rounding counters)."""
+    key = str(key)
+    return "moments" if key.startswith("exp_avg") else "projector" if key.startswith("proj") else "other"
+
+
+def state_bytes_by_kind(optimizer: Optimizer, *, include_shared: bool = True) -> dict[str, dict[str, int]]:
+    """``state_bytes`` split by kind (``state_kind``) and dtype: {kind: {dtype: bytes}}; the shared DCT bases
+    count as ``projector``. Each storage is counted once, under the first entry that reaches it."""
+    params = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"]]
+    seen = {_storage(_local(t)) for t in params + [p.grad for p in params if p.grad is not None]}  # FSDP2: local
+    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for state in list(optimizer.state.values()):
+        for key, value in (state.items() if isinstance(state, dict) else [("other", state)]):
+            for t in map(_local, walk_tensors(value)):
+                storage = _storage(t)
+                if t.device.type == "meta" or storage in seen:
+                    continue
+                seen.add(storage)
+                out[state_kind(key)][str(t.dtype).removeprefix("torch.")] += storage[2]
+    if include_shared and (shared := DCT_BASES.nbytes(dct_sizes(optimizer))):
+        out["projector"]["float32 (shared DCT bases)"] += shared
+    return {kind: dict(by_dtype) for kind, by_dtype in out.items()}

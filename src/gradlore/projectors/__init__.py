@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from gradlore.projectors.base import Context, Identity, Projector, is_transposed, orient
 from gradlore.projectors.dct import DCT_BASES, ColumnsProjector, DCTProjector, dct_basis
+from gradlore.projectors.quantized import Int4SVDProjector
 from gradlore.projectors.random import RandomProjector
 from gradlore.projectors.refresh import Every, Lazy
 from gradlore.projectors.svd import SVDProjector
@@ -16,6 +17,9 @@ GAP = positive_int("refresh the subspace every N steps (the first refresh is at 
 
 PROJECTORS = Registry("projector")
 PROJECTORS.add("svd", SVDProjector)
+PROJECTORS.add("svd-int4", Int4SVDProjector,
+               basis_group=Option(256, int, check=lambda v: v >= 2 and v % 2 == 0, rule="an even integer >= 2",
+                                  doc="values of the basis sharing one int4 scale and zero point (Q-GaLore: 256)"))
 PROJECTORS.add("dct", DCTProjector, dct_norm=SCORE_NORM, dct_method=DCT_METHOD)
 PROJECTORS.add("columns", ColumnsProjector, dct_norm=SCORE_NORM)
 PROJECTORS.add("random", RandomProjector)

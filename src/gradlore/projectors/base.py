@@ -68,8 +68,8 @@ class Projector(Protocol):
         """(r, l) -> (s, l)"""
         ...
 
-    def gram(self, state: dict) -> Tensor | None:
-        """PᵀP (r, r) where it is not exactly the identity, else None."""
+    def gram(self, state: dict, s: int) -> Tensor | None:
+        """PᵀP (r, r) of the (s, r) basis where it is not exactly the identity, else None."""
         ...
 
 
@@ -80,7 +80,7 @@ class ProjectorBase:
     refreshes_on_shards = False  # the safe default: the optimizer gathers the whole gradient for refresh()
     reads_gradient = True
 
-    def gram(self, state: dict) -> Tensor | None:
+    def gram(self, state: dict, s: int) -> Tensor | None:
         return None  # a selection of orthonormal basis columns: PᵀP = I exactly
 
     def up(self, x: Tensor, state: dict, s: int) -> Tensor:
@@ -99,7 +99,7 @@ class StoredBasis(ProjectorBase):
     def down(self, g: Tensor, state: dict) -> Tensor:
         return state["proj.basis"].mT @ g  # (r, s) @ (s, l) -> (r, l)
 
-    def gram(self, state: dict) -> Tensor:
+    def gram(self, state: dict, s: int) -> Tensor:
         basis = state["proj.basis"]
         return basis.mT @ basis  # (r, r): I up to the basis' rounding
 

@@ -24,8 +24,11 @@ from gradlore.analysis.recorder import read_records
 from gradlore.errors import UserError
 from gradlore.models import SIZES
 from gradlore.optim.build import optimizer_names
+from gradlore.optim.parts import ON_REFRESH
+from gradlore.optim.presets import PRESETS as OPTIM_PRESETS
 from gradlore.train.config import PARALLEL, RunConfig, apply_override, load_run_config
-from gradlore.train.presets import PRESETS, resolve
+from gradlore.train.memory import LEVELS
+from gradlore.train.presets import PRESETS, preset
 from gradlore.train.rundir import CONFIG_FILE
 from gradlore.train.trainer import run
 
@@ -35,6 +38,7 @@ EPILOG = """examples:
   gradlore train --data notes.txt --model small --optimizer fira --set optim.update_proj_gap=200
   gradlore train --out runs/x --resume              # continue a killed run exactly where it stopped
   gradlore train --init smollm2 --optimizer lora --rank 16 --target-modules all-linear   # LoRA (peft) baseline
+  gradlore train --preset galore_60m --memory low   # every memory saving at once (README: Memory)
   gradlore finetune --model runs/smol-w20 --data notes.txt --steps 100 --out runs/smol-w20-ft
   gradlore analyze --steps 300 --out runs/analyze   # gradient-rank statistics by layer type
 """
@@ -64,6 +68,9 @@ def _common(p: argparse.ArgumentParser, preset: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set optim.rank=64 (repeatable)")
+    p.add_argument("--memory", choices=list(LEVELS), help="low: chunked loss, activation checkpointing, bf16 "
+                   "weights with stochastic rounding, 8-bit optimizer states, layer-wise updates, allocator "
+                   "release (each also a config field: memory.*, optim.state, optim.plain_state, optim.layerwise)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--parallel", choices=PARALLEL,
                    help="data-parallel (ddp) or fully sharded (fsdp2) training over the processes of "
@@ -105,13 +112,32 @@ def add_analyze(sub: argparse._SubParsersAction) -> None:
 
 
 def _assignments(args: argparse.Namespace) -> list[str]:
-    """Flags first, then --set (so --set wins)."""
-    out = [f"{key}={getattr(args, name)}" for name, key in FLAGS.items() if getattr(args, name, None) is not None]
+    """--memory first, then the flags, then --set (so --set wins)."""
+    out = list(LEVELS[args.memory]) if getattr(args, "memory", None) else []
+    out += [f"{key}={getattr(args, name)}" for name, key in FLAGS.items() if getattr(args, name, None) is not None]
     if getattr(args, "full", False):
         out.append("model.trainable=all")
     elif getattr(args, "train_norms", False):
         out.append("model.trainable=lrc+norms")
     return out + list(args.overrides)
+
+
+def _fit_memory_level(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """``--memory low`` with a preset whose moment policy moves rows (``on_refresh='remap'``, e.g. ``dct``): its
+    projected moments stay fp32 (they are r×l, small; remap needs rows of their own), every other state 8-bit.
+    A ``--set optim.state=...`` of the user's own is left as given (and refused with its fix if illegal)."""
+    if getattr(args, "memory", None) != "low" or cfg.optim.name not in OPTIM_PRESETS:
+        return
+    if any(a.startswith("optim.state=") for a in _assignments(args)[len(LEVELS["low"]):]):
+        return
+    group = OPTIM_PRESETS[cfg.optim.name](rank=cfg.optim.rank, **{**cfg.optim.group_overrides(), "state": "fp32"})
+    policy = ON_REFRESH.entry(group.get("on_refresh", "keep")).factory
+    if getattr(policy, "needs_indices", False) and cfg.optim.state not in ("", "fp32"):
+        print(f"gradlore: --memory low keeps {cfg.optim.name}'s projected moments in fp32 "
+              f"(on_refresh={group['on_refresh']!r} moves their rows); every other state is "
+              f"{cfg.optim.plain_state or cfg.optim.state}.", file=sys.stderr)
+        cfg.optim.plain_state = cfg.optim.plain_state or cfg.optim.state
+        cfg.optim.state = "fp32"
 
 
 def resolve_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
@@ -129,9 +155,12 @@ def resolve_args(args: argparse.Namespace) -> tuple[RunConfig, Path]:
                             f"run, {args.preset!r} now. Fix: drop --preset.")
         for assignment in _assignments(args):
             apply_override(cfg, assignment)
-        cfg.validate()
     else:
-        cfg = resolve(args.preset or args.default_preset, _assignments(args))
+        cfg = preset(args.preset or args.default_preset)
+        for assignment in _assignments(args):
+            apply_override(cfg, assignment)
+    _fit_memory_level(cfg, args)
+    cfg.validate()
     if args.default_preset == "finetune" and not cfg.model.init:
         raise UserError("gradlore finetune needs --model DIR (a model folder or `gradlore compress` output).")
     out = Path(args.out) if args.out else Path("runs") / (

@@ -1,10 +1,10 @@
 """Typed, self-validating run configuration, ``--set`` overrides, and what ``--resume`` may change.
 
 A run is one ``RunConfig``: ``data`` (``gradlore.data.config``), ``model``, ``optim``
-(``gradlore.optim.build``), ``schedule``, ``train`` and ``analysis``. Presets are Python functions
-(``gradlore.train.presets``). Overrides name a field by its dotted path (``optim.rank=64``); the value is
-parsed by the field's type, and an unknown field or a value of the wrong type is a UserError that names
-the field, suggests the closest one and lists what would work.
+(``gradlore.optim.build``), ``schedule``, ``train``, ``analysis`` and ``memory`` (``gradlore.train.memory``).
+Presets are Python functions (``gradlore.train.presets``). Overrides name a field by its dotted path
+(``optim.rank=64``); the value is parsed by the field's type, and an unknown field or a value of the wrong
+type is a UserError that names the field, suggests the closest one and lists what would work.
 
 The learning rate at step t (0-based, warmup W, total S, floor ρ) is
 
@@ -30,6 +30,7 @@ from gradlore.data.config import DataConfig
 from gradlore.errors import UserError, did_you_mean, require_positive
 from gradlore.models import check_size
 from gradlore.optim.build import OptimConfig
+from gradlore.train.memory import MemoryConfig
 
 TRAINABLE = ("all", "lrc", "lrc+norms")
 PARALLEL = ("none", "ddp", "fsdp2")  # train.parallel (gradlore.train.distributed)
@@ -112,6 +113,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def sections(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "preset"}
@@ -122,6 +124,16 @@ class RunConfig:
         if self.schedule.warmup_steps >= self.train.steps:
             raise UserError(f"schedule.warmup_steps={self.schedule.warmup_steps} must be below train.steps="
                             f"{self.train.steps}. Fix: fewer warmup steps (or -1 for 10%).")
+        if self.train.parallel != "none":  # the sharded step takes float32 weights and fp32 moments only
+            compact = [f"optim.{k}={v}" for k, v in (("state", self.optim.state),
+                                                     ("plain_state", self.optim.plain_state)) if v not in ("", "fp32")]
+            if self.memory.weights != "fp32" or compact:
+                what = ", ".join([*([f"memory.weights={self.memory.weights}"] if self.memory.weights != "fp32" else []),
+                                  *compact])
+                raise UserError(f"train.parallel={self.train.parallel}: {what} is not supported on several processes "
+                                "(the sharded step updates float32 weights with fp32 moments). Fix: --set "
+                                "memory.weights=fp32 --set optim.state=fp32 --set optim.plain_state=fp32 (--memory low "
+                                "sets them), or train on one process.")
         return self
 
     @property
@@ -224,7 +236,7 @@ def apply_override(cfg: RunConfig, assignment: str) -> str:
 FIXED_ON_RESUME = (
     "data.*", "model.*", "optim.name", "optim.rank", "optim.update_proj_gap", "optim.scale", "optim.target_modules",
     "optim.overrides", "optim.layerwise", "optim.beta1", "optim.beta2", "optim.eps", "train.batch_size",
-    "train.grad_accum", "train.seed", "train.bf16",
+    "train.grad_accum", "train.seed", "train.bf16", "optim.state", "optim.plain_state", "memory.weights",
 )
 
 

@@ -12,7 +12,12 @@ counters) is checkpointed atomically every ``ckpt_every`` steps, at the end and 
 resumed run replays the uninterrupted one bit for bit on CPU.
 
 A non-finite loss or gradient norm skips the update (counted and logged); ``max_bad_steps`` in a row stop
-the run without writing a checkpoint, so the last good one stays the newest.
+the run without writing a checkpoint, so the last good one stays the newest. In layer-wise mode a non-finite
+gradient is never applied (``gradlore.optim.layerwise``) and the step is counted the same way.
+
+Memory (``gradlore.train.memory``): the loss function is chosen once (the model's own, or the chunked head +
+cross-entropy), the model is prepared once (bf16 weights, activation checkpointing), the allocator is set at
+start, and ``MemoryReport`` writes where the peak went into ``summary.json``.
 
 Under torchrun (``train.parallel`` ddp | fsdp2) every process runs this loop; what differs lives in
 :mod:`gradlore.train.distributed` behind ``self.par`` (the identity in one process): lines marked ``# parallel``.
@@ -21,6 +26,7 @@ Under torchrun (``train.parallel`` ddp | fsdp2) every process runs this loop; wh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -53,6 +59,8 @@ from gradlore.train.dist_checkpoint import check_format, load_distributed, save_
 from gradlore.train.distributed import Parallel, SilentLog, setup_parallel
 from gradlore.train.hooks import GradientRankHook, Hook
 from gradlore.train.lora import LoraHook
+from gradlore.train.loss import chunked_lm_loss
+from gradlore.train.memory import WEIGHTS, MemoryReport, prepare_model, release_freed_memory
 from gradlore.train.rundir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -89,7 +97,7 @@ def forward_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val: torch.Tensor, batch_size: int, max_batches: int,
-             device: torch.device, autocast: Any) -> float:
+             device: torch.device, autocast: Any, loss_fn: Any = None) -> float:
     """Mean validation loss over up to ``max_batches`` micro-batches of held-out blocks (all if 0)."""
     was_training = model.training
     model.eval()
@@ -98,7 +106,7 @@ def evaluate(model: torch.nn.Module, val: torch.Tensor, batch_size: int, max_bat
     for start in range(0, n, batch_size):
         batch = val[start:min(start + batch_size, n)].to(device)  # (b, T)
         with autocast():
-            loss = forward_loss(model, batch)
+            loss = (loss_fn or forward_loss)(model, batch)
         total += float(loss) * batch.shape[0]
         count += batch.shape[0]
     model.train(was_training)
@@ -138,12 +146,14 @@ class Trainer:
                  hooks: list[Hook] | tuple[Hook, ...] = ()) -> None:
         self.cfg, self.out = cfg.validate(), Path(out)
         self.hooks = [*([LoraHook()] if cfg.optim.name == "lora" else []), *hooks,  # lora: adapters on the model
-                      *([GradientRankHook()] if cfg.analysis.every else [])]
+                      MemoryReport(), *([GradientRankHook()] if cfg.analysis.every else [])]
         check_run_dir(self.out, resume, overwrite)
         self.par: Parallel = setup_parallel(cfg)  # parallel: torchrun's process group (identity otherwise)
         self.par.barrier()  # parallel: every rank has looked at the folder before rank 0 writes into it
         changes = self._check_resume() if resume else {}
         t = cfg.train
+        if cfg.memory.release_freed:
+            release_freed_memory()  # before the big allocations
         self.device = self.par.device or device_of(t.device)  # parallel: cuda:LOCAL_RANK or cpu
         seed_everything(t.seed)
         data_cfg = cfg.data
@@ -152,7 +162,9 @@ class Trainer:
         with self.par.main_first():  # parallel: rank 0 fills the tokenizer and token caches first
             self.data = prepare_data(data_cfg, t.batch_size, t.seed)
         self.data.train = self.par.share(self.data.train)  # parallel: this rank's rows of every batch
-        self.model = self._build_model()
+        self.model = prepare_model(self._build_model(), cfg.memory)
+        chunk = cfg.memory.chunked_loss
+        self.loss_fn = functools.partial(chunked_lm_loss, chunk=chunk) if chunk else forward_loss
         self._call("on_model")
         self.model = self.par.wrap(self.model, cfg.optim)  # parallel: DDP, or FSDP2 with long-side shards
         self.optimizer = build_optimizer(self.par.unwrap(self.model), cfg.optim)
@@ -198,7 +210,8 @@ class Trainer:
                                 f"{cfg.model.init} embeds {vocab_size(model)}. Fix: use the model's own tokenizer.")
         else:
             seed_everything(cfg.train.seed)  # the model's initial weights depend on the seed only
-            model = build_llama(cfg.model.size, self.data.tokenizer.vocab_size, cfg.data.block_size)
+            model = build_llama(cfg.model.size, self.data.tokenizer.vocab_size, cfg.data.block_size,
+                                dtype=WEIGHTS[cfg.memory.weights])  # built in its dtype: no float32 copy
         mark_trainable(model, cfg.model.trainable)
         return model.to(self.device).train()
 
@@ -249,7 +262,7 @@ class Trainer:
     def run_eval(self) -> float:
         t = self.cfg.train
         model = self.par.unwrap(self.model)  # parallel: every rank evaluates the same blocks
-        val = evaluate(model, self.data.val, t.batch_size, t.eval_batches, self.device, self.autocast)
+        val = evaluate(model, self.data.val, t.batch_size, t.eval_batches, self.device, self.autocast, self.loss_fn)
         self.log.write({"kind": "eval", "step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))},
                        "val")
         self.last_val, self.last_eval_step = val, self.step
@@ -269,7 +282,7 @@ class Trainer:
             if layerwise:
                 self.optimizer.accumulate = not final
             with self.autocast():
-                loss = forward_loss(self.model, batch) / t.grad_accum
+                loss = self.loss_fn(self.model, batch) / t.grad_accum
             if not self.par.all_finite(loss):  # parallel: all ranks skip together
                 finite = False
                 continue
@@ -278,7 +291,10 @@ class Trainer:
                 loss.backward()
             loss_sum += float(loss.detach())
         grad_norm = float("nan")
-        if finite and not layerwise:
+        if finite and layerwise:  # applied inside backward, up to a non-finite gradient (never applied)
+            grad_norm = self.optimizer.grad_norm()
+            finite = math.isfinite(grad_norm)
+        elif finite:
             self._call("before_update", self.step)
             grad_norm = self.par.clip_grad_norm(self.params, self.cfg.optim.grad_clip)  # parallel: global norm
             finite = math.isfinite(grad_norm)
