@@ -7,7 +7,7 @@ Methods (all through the Hugging Face Trainer, the same data, batches, schedule 
 - ``adamw``: every weight, ``torch.optim.AdamW`` (through ``gradlore.hf.OptimizerFactory(method="adamw")``);
 - ``lora``: LoRA (arXiv 2106.09685) through peft on every linear layer but the head, rank ``--lora-rank``
   (default: the rank whose adapters hold as many numbers as the projected methods' rank-r moments, below);
-- ``galore``, ``dct``, ``fira``: gradlore presets at rank ``--rank`` on every linear layer but the head (the
+- ``galore``, ``dct`` (the GaLore-style ``dct-galore`` preset), ``fira``: gradlore presets at rank ``--rank`` on every linear layer but the head (the
   tied embedding trains with plain AdamW), through ``gradlore.hf.OptimizerFactory``;
 - ``dct-layerwise``: ``dct`` updating each weight inside backward (gradients freed at once);
 - ``welore-lrc``: WeLore (arXiv 2407.11239) data-aware compression at ``--welore-remove``, then only the
@@ -110,6 +110,7 @@ def _model_and_options(method: str, args: argparse.Namespace) -> tuple[torch.nn.
     if method == "adamw":
         return model, {"method": "adamw"}
     name, layerwise = method.removesuffix("-layerwise"), method.endswith("-layerwise")
+    name = {"dct": "dct-galore"}.get(name, name)  # GaLore-style DCT at --gap (the published per-step dct is issue 9's)
     return model, {"method": name, "rank": args.rank, "update_proj_gap": args.gap, "layerwise": layerwise}
 
 
