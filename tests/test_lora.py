@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import tempfile
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from gradlore.cli import main as cli_main  # noqa: E402
 from gradlore.data.corpora import resolve_corpus  # noqa: E402
 from gradlore.errors import UserError  # noqa: E402
 from gradlore.optim.lora import add_lora, lora_targets  # noqa: E402
-from gradlore.train import trainer  # noqa: E402
 from gradlore.train.presets import resolve  # noqa: E402
 from gradlore.train.rundir import read_losses  # noqa: E402
 from gradlore.train.trainer import Trainer, run  # noqa: E402
@@ -79,21 +77,11 @@ def test_final_is_the_merged_model_and_adapter_is_peft(lora_run):
     torch.testing.assert_close(fresh.get_submodule(f"base_model.model.{name}.base_layer").weight, base)
 
 
-def test_lora_run_resumes_exactly(lora_run, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = trainer.forward_loss
-
-    def forward(model, batch):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == 7:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real(model, batch)
-
-    monkeypatch.setattr(trainer, "forward_loss", forward)
+def test_lora_run_resumes_exactly(lora_run, tmp_path, sigterm_at):
+    disarm = sigterm_at(7)
     out = tmp_path / "run"
     assert run(tiny(), out)["status"] == "interrupted"
-    monkeypatch.setattr(trainer, "forward_loss", real)
+    disarm()
     assert run(tiny(), out, resume=True)["status"] == "completed"
     assert losses(out) == losses(lora_run[0])
     assert (out / "final" / "model.safetensors").exists() and (out / "adapter" / "adapter_config.json").exists()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import tempfile
 from pathlib import Path
 
@@ -113,7 +112,7 @@ def test_checkpointed_and_chunked_training_equals_plain_training(tmp_path, text)
 
 
 @pytest.mark.parametrize("plain_state", ["8bit", "factored"])
-def test_memory_low_trains_reports_its_peak_and_resumes_bit_exactly(tmp_path, text, monkeypatch, plain_state):
+def test_memory_low_trains_reports_its_peak_and_resumes_bit_exactly(tmp_path, text, sigterm_at, plain_state):
     sets = [*LOW, "train.steps=12", "train.eval_every=12", f"optim.plain_state={plain_state}"]
     reference = run(tiny(text, *sets), tmp_path / "reference")
     assert reference["status"] == "completed" and math.isfinite(reference["final_val_loss"])
@@ -128,19 +127,9 @@ def test_memory_low_trains_reports_its_peak_and_resumes_bit_exactly(tmp_path, te
     assert any(("exp_avg_sq.row" in s) == (plain_state == "factored") for s in states["optimizer"]["state"].values())
     assert all(v.dtype == torch.bfloat16 for v in states["model"].values() if v.is_floating_point())
 
-    calls = {"n": 0}  # interrupt at step 7 (SIGTERM), then resume: the same losses, bit for bit
-
-    def counting(model, batch, chunk):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == 7:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return chunked(model, batch, chunk)
-
-    chunked = trainer.chunked_lm_loss
-    monkeypatch.setattr(trainer, "chunked_lm_loss", counting)
+    disarm = sigterm_at(7, "chunked_lm_loss")  # interrupt at step 7 (SIGTERM), then resume: bit for bit
     assert run(tiny(text, *sets), tmp_path / "run")["steps"] == 7
-    monkeypatch.setattr(trainer, "chunked_lm_loss", chunked)
+    disarm()
     assert run(tiny(text, *sets), tmp_path / "run", resume=True)["status"] == "completed"
     assert losses(tmp_path / "run") == losses(tmp_path / "reference")
 

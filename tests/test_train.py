@@ -116,22 +116,12 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path: Path, small_text: Path) -> 
     assert got == want  # exact float equality, every step
 
 
-def test_sigterm_checkpoints_and_resume_matches(tiny_run, tmp_path: Path, monkeypatch) -> None:
-    calls = {"n": 0}
-    real = trainer.forward_loss
-
-    def forward(model, batch):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == 7:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real(model, batch)
-
-    monkeypatch.setattr(trainer, "forward_loss", forward)
+def test_sigterm_checkpoints_and_resume_matches(tiny_run, tmp_path: Path, sigterm_at) -> None:
+    disarm = sigterm_at(7)
     out = tmp_path / "run"
     summary = run(tiny(), out)
     assert summary["status"] == "interrupted" and summary["steps"] == 7
-    monkeypatch.setattr(trainer, "forward_loss", real)
+    disarm()
     summary = run(tiny(), out, resume=True)
     assert summary["status"] == "completed"
     assert losses(out) == losses(tiny_run[0])
@@ -326,26 +316,16 @@ def test_finetune_and_analyze_are_runs_of_the_one_trainer(tiny_run, tmp_path: Pa
 
 @pytest.mark.parametrize("accum", [1, 2])
 def test_layerwise_resume_after_sigterm_is_bit_exact(accum: int, tmp_path: Path, small_text: Path,
-                                                     monkeypatch) -> None:
+                                                     sigterm_at) -> None:
     """Layer-wise updates resume exactly, with and without accumulation: the LR schedule keeps reaching the
     per-parameter optimizers after load_state_dict replaced the group dicts their hooks read."""
     sets = ["optim.layerwise=true", "optim.grad_clip=0", f"train.grad_accum={accum}", "train.steps=20",
             "train.ckpt_every=100", "optim.update_proj_gap=4"]
     reference = run(tiny(*sets, data=small_text), tmp_path / "reference")
-    calls = {"n": 0}
-    real = trainer.forward_loss
-
-    def forward(model, batch):
-        if model.training:
-            calls["n"] += 1
-            if calls["n"] == 13 * accum:
-                os.kill(os.getpid(), signal.SIGTERM)
-        return real(model, batch)
-
-    monkeypatch.setattr(trainer, "forward_loss", forward)
+    disarm = sigterm_at(13 * accum)
     out = tmp_path / "run"
     assert run(tiny(*sets, data=small_text), out)["steps"] == 13
-    monkeypatch.setattr(trainer, "forward_loss", real)
+    disarm()
     assert run(tiny(*sets, data=small_text), out, resume=True)["status"] == reference["status"] == "completed"
     assert losses(out) == losses(tmp_path / "reference")
     lrs = [json.loads(line)["lr"] for line in (out / "metrics.jsonl").read_text().splitlines()
