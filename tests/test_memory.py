@@ -160,7 +160,7 @@ def _poison(module, inputs, out):
 
 @pytest.mark.parametrize("method,state,extra", [
     ("dct", "fp32", {}),  # remap, refreshed every step: a skipped refresh
-    ("dct", "fp32", {"update_proj_gap": 200}),  # remap_bias='row': per-row ages restored on a skipped step
+    ("dct", "fp32", {"update_proj_gap": 200, "remap_bias": "row"}),  # per-row ages restored on a skipped step
     ("dct", "fp32", {"update_proj_gap": 200, "remap_bias": "global"}),
     ("dct-galore", "8bit", {}),
 ], ids=["remap-gap1", "remap-row", "remap-global", "keep-8bit"])

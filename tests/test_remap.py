@@ -145,7 +145,7 @@ def _per_index_reference(shape, grads, rank, lr, projector):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_remap_row_is_adam_per_basis_index_with_its_own_age(shape, projector):
     grads = _grads(shape, 12, seed=2)
-    ours = _run(shape, gradlore.presets.dct(rank=8, projector=projector), grads)
+    ours = _run(shape, gradlore.presets.dct(rank=8, projector=projector, remap_bias="row"), grads)
     ref = _per_index_reference(shape, grads, 8, 1e-2, projector)
     torch.testing.assert_close(ours, ref, rtol=1e-11, atol=1e-11)
     glob = _run(shape, gradlore.presets.dct(rank=8, projector=projector, remap_bias="global"), grads)
@@ -156,7 +156,7 @@ def test_remap_row_without_turnover_equals_the_fused_kernel():
     """A row that is never replaced is corrected by its age = the tensor's count: the same as the fused path."""
     shape, g = (48, 32), _grads((48, 32), 1, seed=3)[0]
     grads = [g * (1 + 0.1 * k) for k in range(8)]  # one direction: the selection never changes
-    row = _run(shape, gradlore.presets.dct(rank=8), grads)
+    row = _run(shape, gradlore.presets.dct(rank=8, remap_bias="row"), grads)
     glob = _run(shape, gradlore.presets.dct(rank=8, remap_bias="global"), grads)
     torch.testing.assert_close(row, glob, rtol=1e-13, atol=1e-13)
 
@@ -167,7 +167,7 @@ def test_remap_row_without_turnover_equals_the_fused_kernel():
 def test_dct_preset_is_the_published_method_and_the_galore_style_variant_keeps_its_name():
     assert gradlore.presets.dct(rank=64) == {
         "rank": 64, "projector": "dct", "dct_norm": "l1", "update_proj_gap": 1, "scale": 1.0,
-        "residual": "discard", "on_refresh": "remap", "remap_bias": "row"}
+        "residual": "discard", "on_refresh": "remap", "remap_bias": "global"}
     assert gradlore.presets.dct_galore(rank=64) == {
         "rank": 64, "projector": "dct", "dct_norm": "l1", "update_proj_gap": 200, "scale": 0.25,
         "residual": "discard"}

@@ -39,9 +39,9 @@ METHODS = ["adamw", "galore", "dct", "dct-galore", "columns-remap", "fira", "gal
 # Named variants: a label for an optimizer with some of its group's keys changed (``optim.overrides``).
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "columns-remap": ("dct", {"projector": "columns"}),  # the published recipe on the identity basis
-    "dct-global": ("dct", {"remap_bias": "global"}),  # new rows corrected by the tensor's step count
+    "dct-row": ("dct", {"remap_bias": "row"}),  # new rows corrected by their own age
 }
-DEFAULT_LRS = {"adamw": [1e-3, 3e-3], "dct": [1e-3, 3e-3], "columns-remap": [1e-3, 3e-3], "dct-global": [1e-3, 3e-3]}
+DEFAULT_LRS = {"adamw": [1e-3, 3e-3], "dct": [1e-3, 3e-3], "columns-remap": [1e-3, 3e-3], "dct-row": [1e-3, 3e-3]}
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:

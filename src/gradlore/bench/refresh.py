@@ -45,8 +45,8 @@ def weight_shapes(size: str, layers: int | None) -> list[tuple[int, int]]:
 
 SETTINGS = {  # label -> the dct preset's keys changed
     "dct, gap 200 (steady step, no refresh)": {"update_proj_gap": 200},
-    "dct, gap 1 (refresh + remap every step; rows corrected by age)": {},
-    "dct, gap 1, remap_bias='global' (fused kernel)": {"remap_bias": "global"},
+    "dct, gap 1 (refresh + remap every step; the tensor's count, fused kernel)": {},
+    "dct, gap 1, remap_bias='row' (rows corrected by age, foreach)": {"remap_bias": "row"},
 }
 
 

@@ -72,7 +72,8 @@ def refresh_seed(group_seed: int, name: str, t: int) -> int:
 
 
 def restore_state_dtypes(optimizer: Optimizer, state_dict: dict) -> None:
-    """Undo ``Optimizer.load_state_dict``'s cast of every non-step state tensor to the parameter dtype.
+    """Undo ``Optimizer.load_state_dict``'s cast of every non-step state tensor to the parameter dtype, and put
+    ``step`` on the parameter's device.
 
     That policy would turn projection indices into floats and round float32 statistics of bf16
     weights to bf16; we keep each saved tensor's dtype and move it to the parameter's device.
@@ -83,9 +84,14 @@ def restore_state_dtypes(optimizer: Optimizer, state_dict: dict) -> None:
     for pid, saved in state_dict["state"].items():
         p = by_id[pid]
         for key, value in saved.items():
-            if key != "step" and isinstance(value, Tensor) and value.dtype != optimizer.state[p][key].dtype:
-                on_cpu = key.startswith("refresh.") or key == COUNTER  # clocks stay on the CPU
-                device = value.device if on_cpu else p.device
+            if not isinstance(value, Tensor):
+                continue
+            on_cpu = key.startswith("refresh.") or key == COUNTER  # clocks stay on the CPU
+            device = value.device if on_cpu else p.device
+            current = optimizer.state[p][key]
+            # torch leaves ``step`` where it was loaded (the CPU) unless a group says fused/capturable; the
+            # fused kernel (fused=None: wherever torch has it) needs it beside the weights.
+            if current.dtype != value.dtype or current.device != device:
                 optimizer.state[p][key] = value.detach().to(device=device, copy=True)
 
 

@@ -44,8 +44,8 @@ RESIDUALS.add("sign", SignDescent, residual_lr_ratio=Option(1.0, float, check=la
 ON_REFRESH = Registry("on_refresh")
 ON_REFRESH.add("keep", Keep)
 ON_REFRESH.add("reset", Reset)
-ON_REFRESH.add("remap", Remap, remap_bias=Option("row", choices=("row", "global"),
-                                                 doc="bias correction of moment rows: per row age, or the tensor's count"))
+ON_REFRESH.add("remap", Remap, remap_bias=Option("global", choices=("global", "row"),
+                                                 doc="bias correction of moment rows: the tensor's count (DCTAdamW), or per row age"))
 
 QUANT_OPTIONS = {
     "quant_block": positive_int("values per block sharing one float32 absmax scale", 256),
