@@ -302,8 +302,9 @@ def targets(best: dict[str, dict[str, Any]], plain: dict[str, dict[str, Any]] | 
     if "lora" in best:
         lora = best["lora"]
         limit = 1.25 * train_peak(lora)
-        ok = [m for m in GRADLORE if m in best and best[m]["val_ppl"] <= lora["val_ppl"]
-              and train_peak(best[m]) <= limit]
+        ok = [f"{_label(best[m])} @ {best[m]['lr']:g} ({best[m]['val_ppl']:.2f}, "
+              f"{train_peak(best[m]) / MIB:,.0f} MiB)" for m in GRADLORE if m in best
+              and best[m]["val_ppl"] <= lora["val_ppl"] and train_peak(best[m]) <= limit]
         out.append(f"Target 1 (a gradlore method with val ppl <= LoRA's {lora['val_ppl']:.2f} at peak RSS <= "
                    f"{limit / MIB:,.0f} MiB = LoRA + 25%): {'met by ' + ', '.join(ok) if ok else 'missed'}.")
     if "adamw" in plain and "dct-layerwise" in plain:
