@@ -131,8 +131,8 @@ def create_optimizer(model: nn.Module, args: Any = None, *, method: str = "dct",
         layerwise: update each weight inside backward (gradient accumulation follows accelerate's sync state).
         kwargs: ``lr``, ``weight_decay``, ``betas``, ``eps`` (override ``args``), ``update_proj_gap``,
             ``scale``, ``plain_lr_ratio`` (the unprojected parameters, embeddings and norms, train at
-            ``lr × plain_lr_ratio``; the Trainer's schedule keeps the ratio), and any other key of the preset's param group (``projector``, ``fira_gamma``, ...),
-            validated like ``gradlore.param_groups``.
+            ``lr × plain_lr_ratio``; the Trainer's schedule keeps the ratio), and any other key of the
+            preset's param group (``projector``, ``fira_gamma``, ...), validated like ``gradlore.param_groups``.
     """
     check_optimizer(method)
     if method == "lora":
