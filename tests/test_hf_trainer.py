@@ -248,3 +248,58 @@ def test_accelerate_loop_layerwise_with_accumulation_equals_ordinary():
     assert layer == plain
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_plain_lr_ratio_moves_the_unprojected_parameters_at_the_scaled_lr(tmp_path):
+    """plain_lr_ratio: embeddings, head and norms step as torch's AdamW at lr × ratio; the projected weights as
+    without it; the Trainer's schedule keeps the ratio."""
+    def one_step(**kw):
+        model = tiny_llama()
+        opt = gradlore.hf.create_optimizer(model, lr=1e-2, method="dct", rank=RANK, update_proj_gap=5, **kw)
+        batch = Blocks(4)[0]["input_ids"][None]
+        model(input_ids=batch, labels=batch).loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        opt.step()
+        return model, grads, opt
+
+    scaled, grads, opt = one_step(plain_lr_ratio=0.1)
+    same, _, _ = one_step()
+    projected = {n for g in opt.param_groups if "rank" in g for n in g["param_names"]}
+    assert {g["lr"] for g in opt.param_groups} == {1e-2, 1e-2 * 0.1}
+    reference = tiny_llama()
+    plain = [(n, p) for n, p in reference.named_parameters() if n not in projected]
+    assert {n for n, _ in plain} >= {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"}
+    for n, p in plain:
+        p.grad = grads[n]
+    torch.optim.AdamW([p for _, p in plain], lr=1e-3, weight_decay=0.0).step()
+    got = dict(scaled.named_parameters())
+    for n, p in plain:
+        assert torch.allclose(got[n], p, rtol=0, atol=1e-7), n
+        assert not torch.equal(got[n], dict(same.named_parameters())[n]), n  # and not as at lr
+    for n, p in same.named_parameters():
+        if n in projected:
+            assert torch.equal(got[n], p), n
+    with pytest.raises(UserError, match="must be > 0.*freeze"):
+        gradlore.hf.create_optimizer(tiny_llama(), lr=1e-3, method="dct", rank=RANK, plain_lr_ratio=0.0)
+    with pytest.raises(UserError, match="projects nothing"):
+        gradlore.hf.create_optimizer(tiny_llama(), lr=1e-3, method="adamw", plain_lr_ratio=0.1)
+    # Through the Trainer: the schedule scales every group's own initial LR (the ratio holds at every step),
+    # and the LR it logs (the first group's) is TrainingArguments.learning_rate's, the projected group's.
+    trainer = fit(tmp_path, {"method": "dct", "rank": RANK, "plain_lr_ratio": 0.1}, steps=4)
+    groups = inner(trainer.optimizer).param_groups
+    assert "rank" in groups[0] and {("rank" in g, g["initial_lr"]) for g in groups} == {(True, 3e-3), (False, 3e-3 * 0.1)}
+    assert max(h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h) == 3e-3
+
+
+def test_layerwise_under_gradient_checkpointing_equals_the_ordinary_optimizer(tmp_path):
+    """Activation checkpointing (recompute in backward) with layer-wise updates inside that backward: the same
+    run as the ordinary optimizer without checkpointing."""
+    options = {"method": "dct", "rank": RANK, "update_proj_gap": 2}
+    plain = fit(tmp_path / "p", options, steps=3, max_grad_norm=0.0)
+    ckpt = fit(tmp_path / "c", {**options, "layerwise": True}, steps=3, max_grad_norm=0.0,
+               activation_checkpointing=True)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.model.modules())
+    assert isinstance(inner(ckpt.optimizer), LayerwiseOptimizer)
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-6, abs=0)
+    for (n, a), (_, b) in zip(plain.model.named_parameters(), ckpt.model.named_parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), n

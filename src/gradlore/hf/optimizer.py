@@ -130,8 +130,9 @@ def create_optimizer(model: nn.Module, args: Any = None, *, method: str = "dct",
             name fragments, or "re:REGEX").
         layerwise: update each weight inside backward (gradient accumulation follows accelerate's sync state).
         kwargs: ``lr``, ``weight_decay``, ``betas``, ``eps`` (override ``args``), ``update_proj_gap``,
-            ``scale``, and any other key of the preset's param group (``projector``, ``fira_gamma``, ...),
-            validated like ``gradlore.param_groups``.
+            ``scale``, ``plain_lr_ratio`` (the unprojected parameters, embeddings and norms, train at
+            ``lr × plain_lr_ratio``; the Trainer's schedule keeps the ratio), and any other key of the
+            preset's param group (``projector``, ``fira_gamma``, ...), validated like ``gradlore.param_groups``.
     """
     check_optimizer(method)
     if method == "lora":
@@ -148,13 +149,14 @@ def create_optimizer(model: nn.Module, args: Any = None, *, method: str = "dct",
         raise UserError("no learning rate: the optimizer was built outside a Trainer and without lr=... . "
                         "Fix: pass lr=... (or the TrainingArguments: create_optimizer(model, args, ...)).")
     projection = {k: kwargs.pop(k) for k in ("update_proj_gap", "scale") if k in kwargs}
+    plain_lr_ratio = float(kwargs.pop("plain_lr_ratio", 1.0))
     if method == "adamw" and (kwargs or projection):
         raise UserError(f"method='adamw' projects nothing, so {sorted({**kwargs, **projection})} would be ignored. "
                         "Fix: drop them, or choose a gradlore preset (method='dct', 'galore', 'fira', ...).")
     cfg = OptimConfig(name=method, lr=float(hyper["lr"]), weight_decay=float(hyper["weight_decay"]),
                       beta1=float(hyper["betas"][0]), beta2=float(hyper["betas"][1]), eps=float(hyper["eps"]),
                       rank=int(rank), target_modules=_targets(target_modules), overrides=kwargs, grad_clip=0.0,
-                      layerwise=bool(layerwise), **projection)
+                      layerwise=bool(layerwise), plain_lr_ratio=plain_lr_ratio, **projection)
     check_parallel(model, projected=method != "adamw", layerwise=layerwise)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(model, cfg, no_decay=trainable - decay_parameter_names(model, trainer))

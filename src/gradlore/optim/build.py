@@ -16,6 +16,10 @@
 stored) of the projected weights and of every other parameter (embeddings, output head, norms); ``adamw`` with
 a compact format, layer-wise updates or bf16 weights is LowRankAdamW with one plain group (torch's AdamW math).
 
+``plain_lr_ratio`` sets the LR of a preset's unprojected parameters (embeddings, a tied head, norms, biases:
+trained with plain AdamW) to ``lr × ratio``; fine-tuning often wants them moved more gently than the projected
+weights (LoRA leaves them frozen).
+
 With ``layerwise`` every parameter is updated inside backward (``LayerwiseOptimizer``), for any of them but
 the peers. ``no_decay`` names parameters that take no weight decay (Hugging Face's split: biases and norms);
 each group is then split in two, the second with ``weight_decay=0``.
@@ -60,6 +64,7 @@ class OptimConfig:
     state: str = ""                      # state format of projected weights: fp32 | 8bit | factored ("" = preset's)
     plain_state: str = ""                # state format of every other parameter ("" = as the projected ones)
     rounding: str = "stochastic"         # how an update is rounded into a bf16 weight: stochastic | nearest
+    plain_lr_ratio: float = 1.0          # lr of the unprojected parameters (embeddings, head, norms) = lr × this
 
     def validate(self) -> None:
         require_positive(self, "optim", "lr", "rank")
@@ -82,6 +87,12 @@ class OptimConfig:
             if value and self.name in PEERS:
                 raise UserError(f"{self.name} keeps its own state; optim.{key} applies to gradlore's optimizers. "
                                 f"Fix: drop optim.{key}.")
+        if not self.plain_lr_ratio > 0:
+            raise UserError(f"optim.plain_lr_ratio={self.plain_lr_ratio} must be > 0. Fix: to train the unprojected "
+                            "parameters not at all, freeze them (e.g. model.get_input_embeddings().requires_grad_(False)).")
+        if self.plain_lr_ratio != 1 and self.name not in PRESETS:
+            raise UserError(f"optim.plain_lr_ratio scales the LR of a gradlore preset's unprojected parameters; "
+                            f"{self.name} projects nothing. Fix: drop it (set the LR itself), or choose a preset.")
         if self.rounding not in ROUNDING:
             raise UserError(f"optim.rounding={self.rounding!r} must be one of {', '.join(ROUNDING)}.")
         if self.name in PRESETS:
@@ -190,6 +201,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, no_decay: Collection[str
         params[-1]["rounding"] = cfg.rounding
         for group in params[:-1]:
             group.update(cfg.plain_group_keys(projected_state))
+            if cfg.plain_lr_ratio != 1:  # schedules scale each group's own initial LR, so the ratio holds throughout
+                group["lr"] = cfg.lr * cfg.plain_lr_ratio
+        if cfg.plain_lr_ratio != 1:  # projected group first: trainers log the first group's LR, which is then lr's
+            params = [params[-1], *params[:-1]]
         cls = LowRankAdamW
     if no_decay:
         params = split_decay(params, set(no_decay))

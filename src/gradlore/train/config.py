@@ -236,7 +236,8 @@ def apply_override(cfg: RunConfig, assignment: str) -> str:
 FIXED_ON_RESUME = (
     "data.*", "model.*", "optim.name", "optim.rank", "optim.update_proj_gap", "optim.scale", "optim.target_modules",
     "optim.overrides", "optim.layerwise", "optim.beta1", "optim.beta2", "optim.eps", "train.batch_size",
-    "train.grad_accum", "train.seed", "train.bf16", "optim.state", "optim.plain_state", "memory.weights",
+    "train.grad_accum", "train.seed", "train.bf16", "optim.state", "optim.plain_state", "optim.plain_lr_ratio",
+    "memory.weights",
 )
 
 
