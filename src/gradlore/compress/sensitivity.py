@@ -27,11 +27,27 @@ from gradlore.compress.lowrank_linear import dense_weight
 from gradlore.errors import UserError
 
 
-def collect_sensitivity(model: nn.Module, modules: dict[str, nn.Module], blocks: torch.Tensor, batch_size: int = 2
-                        ) -> dict[str, float]:
-    """Name -> f_i = Σ_tokens ‖∂L/∂y_i‖² / (d_out · batches), L the mean next-token loss of each batch."""
+def check_loss_method(data_aware: str | None, include_embeddings: bool, sensitivity_tokens: int) -> None:
+    """Refuse what the "loss" allocation cannot do, before any work."""
+    if not (isinstance(sensitivity_tokens, int) and sensitivity_tokens >= 1):
+        raise UserError(f"sensitivity_tokens={sensitivity_tokens!r} must be a positive number of tokens (e.g. 4096).")
+    if data_aware != "whiten" or include_embeddings:
+        raise UserError("method 'loss' weighs each layer's exact output error, which only the whitened SVD gives "
+                        "(and not for embeddings). Fix: use --data-aware whiten without --include-embeddings, or "
+                        "--method welore.")
+
+
+def collect_sensitivity(model: nn.Module, modules: dict[str, nn.Module], blocks: torch.Tensor | None,
+                        tokens: int | None = None, batch_size: int = 2) -> dict[str, float]:
+    """Name -> f_i = Σ_tokens ‖∂L/∂y_i‖² / (d_out · batches), L the mean next-token loss of each batch, over the
+    first ``tokens`` tokens of ``blocks`` (n, L) (whole blocks, at least one; None: all)."""
+    if blocks is None:
+        raise UserError("method 'loss' needs sensitivities: the given activation_stats have none for these layers. "
+                        "Fix: pass calibration text, or set stats.sensitivity = collect_sensitivity(...).")
     if blocks.ndim != 2 or blocks.shape[1] < 2:
         raise UserError("sensitivity needs calibration blocks of at least 2 tokens (n, L). Fix: more calibration text.")
+    if tokens is not None:
+        blocks = blocks[: max(1, tokens // blocks.shape[1])]
     acc = {name: 0.0 for name in modules}
 
     def hook(name: str):

@@ -37,7 +37,7 @@ from gradlore.compress.lowrank_linear import (
     svd_factors,
 )
 from gradlore.compress.remote import base_config, write_remote_code
-from gradlore.compress.sensitivity import collect_sensitivity
+from gradlore.compress.sensitivity import check_loss_method, collect_sensitivity
 from gradlore.compress.spectrum import (
     DATA_AWARE_MODES,
     ActivationStats,
@@ -213,10 +213,8 @@ def compress(
     if getattr(model, "_gradlore_welore", None):
         raise UserError("this model is already compressed; start again from the dense model.")
 
-    if method == "loss" and (data_aware != "whiten" or include_embeddings):
-        raise UserError("method 'loss' weighs each layer's exact output error, which only the whitened SVD gives "
-                        "(and not for embeddings). Fix: use --data-aware whiten without --include-embeddings, or "
-                        "--method welore.")
+    if method == "loss":
+        check_loss_method(data_aware, include_embeddings, sensitivity_tokens)
     modules = find_targets(model, targets, include_head=include_head, include_embeddings=include_embeddings)
     shapes = shapes_of(modules)
     stats = activation_stats
@@ -227,11 +225,7 @@ def compress(
         blocks = _calibration_blocks(calibration, tokenizer, calibration_tokens, calibration_context, bos)
         stats = collect_activation_stats(model, modules, blocks)
     if method == "loss" and not set(modules) <= set(stats.sensitivity):
-        if blocks is None:
-            raise UserError("method 'loss' needs sensitivities: the given activation_stats have none for these layers. "
-                            "Fix: pass calibration text instead, or set stats.sensitivity = collect_sensitivity(...).")
-        n = max(1, min(len(blocks), sensitivity_tokens // blocks.shape[1]))
-        stats.sensitivity = collect_sensitivity(model, modules, blocks[:n])
+        stats.sensitivity = collect_sensitivity(model, modules, blocks, sensitivity_tokens)
     if stats is not None and damping is not None:
         if not damping >= 0:
             raise UserError(f"damping={damping} must be >= 0 (a share of the Gram's mean diagonal, e.g. 0.1).")
