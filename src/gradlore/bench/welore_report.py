@@ -49,10 +49,10 @@ def ppl_tables(args: argparse.Namespace, results: dict[str, Any], primary: str) 
             wa, lo = _ppl(g.get(("welore", primary)), corpus), _ppl(g.get(("loss", primary)), corpus)
             err = " / ".join(_f(g[k]["rank_reduction"] * 100, ".1f") + "%" if k in g else "–" for k in keys)
             lrc = " / ".join(str(g[k]["n_lrc"]) if k in g else "–" for k in keys)
-            ratio = " / ".join(_f(x / d if x and d else None, ".2f") + "×" for x in (wa, lo))
+            ratio = " / ".join(f"{x / d:.2f}×" if x and d else "–" for x in (wa, lo))
             lines.append(f"| {b:.0%} | {_f(_ppl(g.get(('welore', 'free')), corpus))} | "
                          f"{_f(_ppl(g.get(('uniform', 'free')), corpus))} | {_f(wa)} | "
-                         f"{_f(_ppl(g.get(('uniform', primary)), corpus))} | **{_f(lo)}** | {ratio} | {err} | {lrc} |")
+                         f"{_f(_ppl(g.get(('uniform', primary)), corpus))} | {'–' if lo is None else f'**{_f(lo)}**'} | {ratio} | {err} | {lrc} |")
         lines.append("")
     labels = _labels(runs)
     if len(labels) > 1:
