@@ -24,9 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,81 +31,33 @@ from typing import Any
 
 import torch
 
+from gradlore.bench.welore_common import (
+    CALIB_SOURCES,
+    FT_KINDS,
+    FT_SOURCES,
+    METHODS,
+    _ckpt_dir,
+    _left,
+    _load,
+    _save,
+    _wiki,
+    calib_text,
+    eval_sets,
+    method_key,
+    ppls,
+    pydoc_text,
+)
 from gradlore.bench.welore_report import phase_report, variant
-from gradlore.cache import cache_dir
-from gradlore.compress.eval import perplexity, read_text, tokenize
+from gradlore.bench.welore_train import phase_finetune, phase_speed
+from gradlore.compress.sensitivity import collect_sensitivity
 from gradlore.compress.spectrum import collect_activation_stats, find_targets
 from gradlore.compress.welore import compress, save_compressed, text_blocks
-from gradlore.data.corpora import resolve_corpus
 from gradlore.data.tokenizer import load_tokenizer, sequence_bos
 from gradlore.errors import UserError
 from gradlore.models import load_model, smollm2
 from gradlore.optim.build import optimizer_names
-from gradlore.train.rundir import read_losses
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
-METHODS = ("welore", "uniform")
-CALIB_CHARS = 160_000  # calibration reads the first --calib-tokens tokens of this head; fine-tuning the rest
-CALIB_SOURCES = ("pydoc", "wikitext2-tail", "shakespeare-tail")
-FT_SOURCES = ("pydoc", "wikitext2-tail")  # fine-tuning text: after CALIB_CHARS, or WikiText-2 test from 300,000 on
-FT_KINDS = ("lrc", "full", "lora")  # lora: the dense model through `--optimizer lora` (peft), when it exists
-
-
-def _wiki(args: argparse.Namespace) -> Path:
-    path = Path(args.eval_data) if args.eval_data else DEFAULT_DATA / "wikitext2-raw-test.txt"
-    if not path.exists():
-        raise UserError(f"evaluation text {path} not found; pass --eval-data FILE (WikiText-2 raw test).")
-    return path
-
-
-def pydoc_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
-def calib_text(args: argparse.Namespace) -> str:
-    if args.calib == "pydoc":
-        return pydoc_text()[:CALIB_CHARS]
-    if args.calib == "wikitext2-tail":
-        return _wiki(args).read_text(encoding="utf-8")[200_000:]
-    return resolve_corpus("tiny-shakespeare").read_text(encoding="utf-8")[100_000:]
-
-
-def eval_sets(args: argparse.Namespace, tok: Any) -> dict[str, torch.Tensor]:
-    """Corpus name -> the first --eval-tokens ids (no special tokens; `perplexity` adds the BOS if any)."""
-    n = args.eval_tokens
-    texts = {"wikitext2": read_text(_wiki(args), max_chars=n * 16),
-             "shakespeare": resolve_corpus("tiny-shakespeare").read_text(encoding="utf-8")[: n * 16]}
-    return {name: tokenize(tok, text, n) for name, text in texts.items()}
-
-
-def ppls(model: torch.nn.Module, sets: dict[str, torch.Tensor], args: argparse.Namespace, bos: int | None
-         ) -> dict[str, float]:
-    return {name: perplexity(model, ids, args.context, args.stride, batch_size=args.batch_size, bos=bos).perplexity
-            for name, ids in sets.items()}
-
-
-def _load(results_path: Path) -> dict[str, Any]:
-    return json.loads(results_path.read_text()) if results_path.exists() else {}
-
-
-def _save(results_path: Path, results: dict[str, Any], *keys: str) -> None:
-    """Write ``keys`` of ``results`` into the file, keeping what other (concurrent) phases wrote there."""
-    current = _load(results_path)
-    current.update({k: results[k] for k in keys})
-    results_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = results_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current, indent=1))
-    tmp.replace(results_path)
-
-
-def _ckpt_dir(label: str, budget: float) -> Path:
-    return cache_dir() / "bench" / f"smollm2-welore-{label}-{int(round(budget * 100))}"
-
-
-def _left(args: argparse.Namespace) -> float:
-    return args.deadline - time.monotonic()
+__all__ = ["build_parser", "main", "pydoc_text", "run"]
 
 
 # ------------------------------------------------------------------------------------ calibration cost
@@ -156,7 +105,8 @@ def phase_ppl(args: argparse.Namespace, results: dict[str, Any]) -> None:
     for mode in args.modes:
         ridges = args.dampings if mode == "whiten" else [None]  # one statistics pass serves every ridge
         todo = [(d, b, m) for d in ridges for b in args.budgets for m in args.methods
-                if f"{m}|{variant(args, mode, d)}|{b}" not in runs or args.redo]
+                if (m != "loss" or mode == "whiten")
+                and (f"{method_key(args, m)}|{variant(args, mode, d)}|{b}" not in runs or args.redo)]
         if not todo:
             continue
         stats = None
@@ -169,13 +119,17 @@ def phase_ppl(args: argparse.Namespace, results: dict[str, Any]) -> None:
             stats = collect_activation_stats(dense, find_targets(dense), blocks)
             print(f"calibration statistics on {stats.tokens} tokens ({args.calib}): {time.perf_counter() - t:.0f} s",
                   flush=True)
+            if mode == "whiten" and any(m == "loss" for _, _, m in todo):  # one backward pass serves every budget
+                t = time.perf_counter()
+                stats.sensitivity = collect_sensitivity(dense, find_targets(dense), blocks[: max(1, args.sens_tokens // 512)])
+                print(f"sensitivities on {args.sens_tokens} tokens: {time.perf_counter() - t:.0f} s", flush=True)
         svd_cache: dict = {}  # one SVD per weight, reused by every budget (keyed by weights, statistics, ridge)
         for damping, budget, method in todo:
             if _left(args) < args.min_left:
                 print("time budget reached; rerun to continue", flush=True)
                 return
             label = variant(args, mode, damping)
-            key = f"{method}|{label}|{budget}"
+            key = f"{method_key(args, method)}|{label}|{budget}"
             model = copy.deepcopy(dense)
             t = time.perf_counter()
             rep = compress(model, remove=budget, method=method, data_aware=mode, activation_stats=stats,
@@ -183,7 +137,7 @@ def phase_ppl(args: argparse.Namespace, results: dict[str, Any]) -> None:
             tc = time.perf_counter() - t
             p = ppls(model, sets, args, bos)
             runs[key] = {
-                "method": method, "mode": label, "budget": budget, "perplexity": p["wikitext2"], "ppl": p,
+                "method": method_key(args, method), "mode": label, "budget": budget, "perplexity": p["wikitext2"], "ppl": p,
                 "removed": rep.removed_fraction, "rank_reduction": rep.rank_reduction, "n_lrc": rep.n_lrc,
                 "n_targets": rep.n_targets, "model_params": rep.model_params_after, "compress_s": tc,
                 "threshold": rep.threshold, "ranks": {r["name"]: r["rank"] for r in rep.layers},
@@ -196,148 +150,6 @@ def phase_ppl(args: argparse.Namespace, results: dict[str, Any]) -> None:
             del model
             gc.collect()
         del svd_cache, stats
-        gc.collect()
-
-
-# ------------------------------------------------------------------------------------------ fine-tuning
-def _ft_text(args: argparse.Namespace) -> Path:
-    """The fine-tuning text, as a file for `finetune`: pydoc prose after the part calibration may use, or the
-    WikiText-2 test text after the evaluated head and the wikitext2-tail calibration slice (both < 300,000)."""
-    if args.ft_data == "pydoc":
-        path, text = args.out / "finetune_text.txt", pydoc_text()[CALIB_CHARS:]
-    else:
-        path, text = args.out / "finetune_wikitext2_tail.txt", _wiki(args).read_text(encoding="utf-8")[300_000:]
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
-    return path
-
-
-def _finetune(name: str, args: argparse.Namespace, model: str, steps: int, lr: float, extra: list[str],
-              evaluate: bool) -> dict[str, Any] | None:
-    """One `gradlore finetune` process (its peak memory is its own), resumed if a chunk interrupted it;
-    None when the time budget interrupted it again. Perplexities of its final model on both corpora."""
-    out = args.out / "runs" / name
-    summary = out / "summary.json"
-    done = summary.exists() and json.loads(summary.read_text()).get("status") == "completed"
-    if not done:
-        resume = (out / "checkpoints").exists() and (out / "config.json").exists()
-        cmd = [sys.executable, "-m", "gradlore.cli", "finetune", "--model", model, "--data", str(_ft_text(args)),
-               "--steps", str(steps), "--batch-size", str(args.ft_batch), "--block-size", str(args.ft_seq),
-               "--lr", str(lr), "--out", str(out), *(["--resume"] if resume else ["--overwrite"]),
-               "--set", "schedule.warmup_steps=5", "--set", f"train.threads={args.threads}",
-               "--set", "train.progress=false", "--set", f"train.eval_every={steps}", "--set", "train.ckpt_every=20",
-               "--set", f"train.save_final_model={str(evaluate).lower()}", *extra]
-        print("$", " ".join(cmd), flush=True)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        try:
-            stdout, _ = proc.communicate(timeout=max(_left(args), 1))
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)  # the trainer checkpoints and exits 130
-            stdout, _ = proc.communicate()
-            print(f"{name}: interrupted by the time budget (checkpointed); rerun to continue", flush=True)
-            return None
-        sys.stdout.write(stdout[-1500:])
-        if proc.returncode != 0:
-            raise SystemExit(f"fine-tune run {name} failed (exit {proc.returncode})")
-    s = json.loads(summary.read_text())
-    r = {"tokens": s["tokens"], "trainable_params": s["trainable_params"], "total_params": s["params"],
-         "optimizer_state_bytes": s["opt_state_bytes"], "grad_bytes": 4 * s["trainable_params"],
-         "peak_memory_bytes": s["peak_rss_bytes"], "tokens_per_s": s["tokens_per_s_median"], "steps": s["steps"]}
-    losses = [v for _, v in read_losses(out / "metrics.jsonl")[0]]
-    r["first_loss"], r["last_loss"] = losses[0], losses[-1]
-    if evaluate:
-        tok = load_tokenizer(str(out / "final"))
-        p = ppls(load_model(out / "final"), eval_sets(args, tok), args, sequence_bos(tok))
-        r["perplexity_after"], r["ppl_after"] = p["wikitext2"], p
-    return r
-
-
-def _ft_jobs(args: argparse.Namespace) -> dict[str, tuple[str, str, int, float, list[str]]]:
-    """name -> (kind, model, steps, lr, extra CLI args) for --ft-jobs × --ft-budgets × --ft-mults."""
-    jobs = {}
-    label = variant(args, args.ft_mode)
-    tag = ("" if args.ft_data == "pydoc" else f"@ft-{args.ft_data}") + args.ft_tag
-    for kind in args.ft_jobs:
-        for mult in args.ft_mults:
-            steps = args.ft_steps * mult
-            if kind == "lrc":
-                for b in args.ft_budgets:
-                    ckpt = _ckpt_dir(label, b)
-                    if not ckpt.exists():
-                        raise SystemExit(f"{ckpt} missing: run --phase ppl first (it saves the {b:.0%} WeLore model).")
-                    jobs[f"lrc-{args.ft_optimizer}@{label}-{b:.0%}x{mult}{tag}"] = (
-                        kind, str(ckpt), steps, args.ft_lr, ["--optimizer", args.ft_optimizer])
-            elif kind == "full":
-                jobs[f"full-adamw-x{mult}{tag}"] = (kind, "smollm2", steps, args.ft_lr_full,
-                                                            ["--optimizer", "adamw", "--full"])
-            else:  # LoRA on the dense model (peft), at a rank chosen by --ft-lora-rank
-                jobs[f"lora-r{args.ft_lora_rank}-x{mult}{tag}"] = (
-                    kind, "smollm2", steps, args.ft_lr_lora,
-                    ["--optimizer", "lora", "--rank", str(args.ft_lora_rank), "--full"])
-    return jobs
-
-
-def phase_finetune(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """Perplexity after fine-tuning on the same tokens (and on --ft-mults times as many)."""
-    ft = results.setdefault("finetune", {})
-    for name, (kind, model, steps, lr, extra) in _ft_jobs(args).items():
-        if name in ft and not args.redo:
-            continue
-        if _left(args) < args.min_left:
-            print("time budget reached; rerun to continue", flush=True)
-            return
-        r = _finetune(name, args, model, steps, lr, extra, evaluate=True)
-        if r is None:
-            return
-        budget = next((b for b in args.ft_budgets if f"-{b:.0%}x" in name), None) if kind == "lrc" else None
-        ft[name] = r | {"kind": kind, "budget": budget, "mode": variant(args, args.ft_mode) if kind == "lrc" else None,
-                        "lr": lr, "model": model, "ft_data": args.ft_data}
-        _save(args.results, results, "finetune")
-
-
-# ------------------------------------------------------------------------------------------------ speed
-@torch.no_grad()
-def _speed(model: torch.nn.Module, ids: torch.Tensor, repeats: int, new_tokens: int) -> dict[str, float]:
-    model.eval()
-    x = ids[None, :]  # (1, L)
-    model(input_ids=x)  # warm-up
-    t = time.perf_counter()
-    for _ in range(repeats):
-        model(input_ids=x)
-    prefill = repeats * x.numel() / (time.perf_counter() - t)
-    prompt = x[:, :32]
-    model.generate(prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4)
-    t = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, min_new_tokens=new_tokens)
-    decode = new_tokens / (time.perf_counter() - t)
-    return {"prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode}
-
-
-def phase_speed(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """Timed: fine-tuning tokens/s and peak memory (fresh processes), then inference tokens/s (exclusive lock)."""
-    ts = results.setdefault("train_speed", {})
-    for name, (_, model, _, lr, extra) in _ft_jobs(args).items():
-        r = _finetune(f"speed-{name}", args, model, args.speed_steps, lr, extra, evaluate=False)
-        if r is None:
-            return
-        ts[name] = r
-        _save(args.results, results, "train_speed")
-    tok = load_tokenizer(str(smollm2()))
-    ids = tokenize(tok, read_text(_wiki(args), max_chars=args.context * 16), args.context)
-    sp = results.setdefault("speed", {})
-    models = {"dense": "smollm2"}
-    label = variant(args, args.ft_mode)
-    for budget in args.ft_budgets:
-        ck = _ckpt_dir(label, budget)
-        if ck.exists():
-            models[f"welore-{label}-{budget}"] = str(ck)
-    for name, path in models.items():
-        model = load_model(path)
-        sp[name] = _speed(model, ids, args.speed_repeats, args.new_tokens) | {
-            "params": sum(p.numel() for p in model.parameters()), "prompt_tokens": int(ids.numel())}
-        print(name, sp[name], flush=True)
-        _save(args.results, results, "speed")
-        del model
         gc.collect()
 
 
@@ -354,9 +166,10 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--budgets", type=_floats, default=[0.05, 0.1, 0.2, 0.3])
-    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS), help="welore,uniform")
+    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS), help="welore,uniform,loss")
     p.add_argument("--calib", choices=CALIB_SOURCES, default="pydoc", help="calibration text of the data-aware variant")
     p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--sens-tokens", type=int, default=4096, help="tokens of the loss allocation's sensitivity pass")
     p.add_argument("--modes", type=lambda s: [None if m == "free" else m for m in s.split(",")],
                    default=[None, "whiten"], help="free,whiten")
     p.add_argument("--damping", dest="dampings", type=_floats, default=[0.1],

@@ -38,34 +38,34 @@ def ppl_tables(args: argparse.Namespace, results: dict[str, Any], primary: str) 
     for corpus in CORPORA:
         d = _ppl(dense, corpus)
         lines.append(f"| {corpus}: removed | WeLore data-free | uniform data-free | WeLore data-aware | uniform data-aware "
-                     "| WeLore data-aware / dense | ERR (WeLore free / aware) | LRC (free / aware) |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+                     "| loss data-aware | WeLore / loss data-aware ÷ dense | ERR (WeLore free / aware / loss) "
+                     "| LRC (free / aware / loss) |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        keys = (("welore", "free"), ("welore", primary), ("loss", primary))
         for b in args.budgets:
             g = {(r["method"], r["mode"]): r for r in runs.values() if r["budget"] == b}
             if not g:
                 continue
-            wa = _ppl(g.get(("welore", primary)), corpus)
-            err = " / ".join(_f(g[k]["rank_reduction"] * 100, ".1f") + "%" if k in g else "–"
-                             for k in (("welore", "free"), ("welore", primary)))
-            lrc = " / ".join(str(g[k]["n_lrc"]) if k in g else "–" for k in (("welore", "free"), ("welore", primary)))
+            wa, lo = _ppl(g.get(("welore", primary)), corpus), _ppl(g.get(("loss", primary)), corpus)
+            err = " / ".join(_f(g[k]["rank_reduction"] * 100, ".1f") + "%" if k in g else "–" for k in keys)
+            lrc = " / ".join(str(g[k]["n_lrc"]) if k in g else "–" for k in keys)
+            ratio = " / ".join(f"{x / d:.2f}×" if x and d else "–" for x in (wa, lo))
             lines.append(f"| {b:.0%} | {_f(_ppl(g.get(('welore', 'free')), corpus))} | "
-                         f"{_f(_ppl(g.get(('uniform', 'free')), corpus))} | **{_f(wa)}** | "
-                         f"{_f(_ppl(g.get(('uniform', primary)), corpus))} | "
-                         f"{_f(wa / d if wa and d else None, '.2f')}× | {err} | {lrc} |")
+                         f"{_f(_ppl(g.get(('uniform', 'free')), corpus))} | {_f(wa)} | "
+                         f"{_f(_ppl(g.get(('uniform', primary)), corpus))} | {'–' if lo is None else f'**{_f(lo)}**'} | {ratio} | {err} | {lrc} |")
         lines.append("")
     labels = _labels(runs)
     if len(labels) > 1:
-        lines.append("Data-aware variants (calibration source, tokens, ridge): WeLore (uniform) perplexity, "
+        lines.append("Data-aware variants (calibration source, tokens, ridge): WeLore (uniform) [loss] perplexity, "
                      "wikitext2 / shakespeare\n")
         lines.append("| variant | " + " | ".join(f"{b:.0%}" for b in args.budgets) + " |")
         lines.append("|---|" + "---|" * len(args.budgets))
         for label in labels:
             cells = []
             for b in args.budgets:
-                w = runs.get(f"welore|{label}|{b}")
-                u = runs.get(f"uniform|{label}|{b}")
-                cells.append(f"{_f(_ppl(w, 'wikitext2'))} ({_f(_ppl(u, 'wikitext2'))}) / {_f(_ppl(w, 'shakespeare'))}"
-                             if w or u else "–")
+                w, u, lo = (runs.get(f"{m}|{label}|{b}") for m in ("welore", "uniform", "loss"))
+                cells.append(f"{_f(_ppl(w, 'wikitext2'))} ({_f(_ppl(u, 'wikitext2'))}) [{_f(_ppl(lo, 'wikitext2'))}] / "
+                             f"{_f(_ppl(w, 'shakespeare'))} [{_f(_ppl(lo, 'shakespeare'))}]" if w or u or lo else "–")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -132,14 +132,16 @@ def _plot(args: argparse.Namespace, results: dict[str, Any], primary: str) -> No
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
-    styles = {("welore", "free"): "o-", ("uniform", "free"): "o--", ("welore", primary): "s-", ("uniform", primary): "s--"}
+    styles = {("welore", "free"): "o-", ("uniform", "free"): "o--", ("welore", primary): "s-", ("uniform", primary): "s--",
+              ("loss", primary): "^-"}
+    names = {"welore": "WeLore", "uniform": "uniform", "loss": "loss"}
     for ax, corpus in zip(axes, CORPORA):
         for (method, mode), style in styles.items():
             pts = sorted((r["budget"], _ppl(r, corpus)) for r in results["runs"].values()
                          if r["method"] == method and r["mode"] == mode and _ppl(r, corpus) is not None)
             if pts:
                 ax.plot([100 * b for b, _ in pts], [p for _, p in pts], style,
-                        label=f"{'WeLore' if method == 'welore' else 'uniform'} {'data-free' if mode == 'free' else 'data-aware'}")
+                        label=f"{names[method]} {'data-free' if mode == 'free' else 'data-aware'}")
         ax.axhline(_ppl(results["dense"], corpus), color="k", lw=0.8, label="dense")
         ax.set_yscale("log")
         ax.set_xlabel("% of targeted parameters removed")

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from gradlore.compress.allocate import METHODS
 from gradlore.compress.eval import perplexity, read_text, tokenize
 from gradlore.compress.welore import compress, count_params, prepare_out_dir, save_compressed
 from gradlore.data.tokenizer import BOS_CHOICES, TextTokenizer, describe_bos, load_tokenizer, sequence_bos
@@ -76,6 +77,7 @@ def run_compress(args: argparse.Namespace) -> int:
         calibration_context=args.calibration_context,
         bos=args.bos,
         damping=args.damping,
+        sensitivity_tokens=args.sensitivity_tokens,
         include_head=args.include_head,
         include_embeddings=args.include_embeddings,
         cache_dir=args.cache_dir,
@@ -144,7 +146,11 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--remove", type=_budget, help="fraction of the targeted layers' parameters to remove, in (0, 1)")
     budget.add_argument("--rank-reduction", type=_budget, help="WeLore's effective rank reduction, in (0, 1)")
-    p.add_argument("--method", choices=("welore", "uniform"), default="welore")
+    p.add_argument("--method", choices=METHODS, default="welore",
+                   help="welore: one threshold on normalised spectra (the paper); uniform: same share per matrix; "
+                        "loss: with --data-aware whiten, minimise the sensitivity-weighted output error")
+    p.add_argument("--sensitivity-tokens", type=int, default=4096,
+                   help="--method loss: calibration tokens of its forward+backward sensitivity pass")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--targets", default=None,

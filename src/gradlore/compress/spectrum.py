@@ -127,6 +127,8 @@ class ActivationStats:
     abs_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # float64 (in,)
     tokens: int = 0
     digest: str = ""  # hash of the calibration token ids
+    sensitivity: dict[str, float] = field(default_factory=dict)  # f_i of the "loss" allocation (sensitivity.py);
+    # the spectra do not depend on it, so it is not part of content_digest
     damping: float = 0.1  # whiten: G + damping·mean(diag G)·I; larger leans towards the data-free SVD (robust
     # when calibration and target text differ)
     _transforms: dict[tuple[str, str, float], tuple[str, torch.Tensor]] = field(default_factory=dict, repr=False)

@@ -37,6 +37,7 @@ from gradlore.compress.lowrank_linear import (
     svd_factors,
 )
 from gradlore.compress.remote import base_config, write_remote_code
+from gradlore.compress.sensitivity import check_loss_method, collect_sensitivity
 from gradlore.compress.spectrum import (
     DATA_AWARE_MODES,
     ActivationStats,
@@ -175,6 +176,7 @@ def compress(
     calibration_context: int = 512,
     bos: str = "auto",
     damping: float | None = None,
+    sensitivity_tokens: int = 4096,
     activation_stats: ActivationStats | None = None,
     include_head: bool = False,
     include_embeddings: bool = False,
@@ -186,7 +188,10 @@ def compress(
 
     Budget: ``remove`` = fraction of the targeted layers' parameters removed, or ``rank_reduction`` =
     WeLore's effective rank reduction; exactly one, in (0, 1). ``method``: "welore" (one global threshold on
-    normalised singular values) or "uniform" (every matrix loses the same share). ``data_aware``: None,
+    normalised singular values), "uniform" (every matrix loses the same share) or "loss" (data-aware whiten
+    only: minimise the summed sensitivity-weighted output error, allocate.py; the sensitivities come from one
+    forward+backward pass over the first ``sensitivity_tokens`` calibration tokens, or from
+    ``activation_stats.sensitivity``). ``data_aware``: None,
     "whiten" (SVD of W·chol(XᵀX)) or "asvd" (SVD of W·diag(mean|x|)^½), with ``calibration`` text / path /
     token ids (n, L) (used as given), or precomputed ``activation_stats``; calibration text is cut into blocks
     that start with the tokenizer's BOS when it adds one (``bos``: auto, always, never); ``damping`` (whiten) adds damping·mean(diag XᵀX/N)·I
@@ -208,14 +213,19 @@ def compress(
     if getattr(model, "_gradlore_welore", None):
         raise UserError("this model is already compressed; start again from the dense model.")
 
+    if method == "loss":
+        check_loss_method(data_aware, include_embeddings, sensitivity_tokens)
     modules = find_targets(model, targets, include_head=include_head, include_embeddings=include_embeddings)
     shapes = shapes_of(modules)
     stats = activation_stats
+    blocks = None
     if data_aware is not None and stats is None:
         if calibration is None:
             raise UserError(f"data_aware={data_aware!r} needs calibration text (--calibration FILE).")
         blocks = _calibration_blocks(calibration, tokenizer, calibration_tokens, calibration_context, bos)
         stats = collect_activation_stats(model, modules, blocks)
+    if method == "loss" and not set(modules) <= set(stats.sensitivity):
+        stats.sensitivity = collect_sensitivity(model, modules, blocks, sensitivity_tokens)
     if stats is not None and damping is not None:
         if not damping >= 0:
             raise UserError(f"damping={damping} must be >= 0 (a share of the Gram's mean diagonal, e.g. 0.1).")
@@ -228,7 +238,8 @@ def compress(
         key=key,
     )
     alloc: Allocation = allocate(
-        spectra, shapes, remove=remove, rank_reduction=rank_reduction, method=method, min_ratio=min_ratio
+        spectra, shapes, remove=remove, rank_reduction=rank_reduction, method=method, min_ratio=min_ratio,
+        weights=stats.sensitivity if method == "loss" else None,
     )
 
     params_before = count_params(model)
