@@ -89,6 +89,11 @@ def test_frozen_embedding_and_plain_lr_ratio_reach_the_optimizer(tmp_path, monke
     assert state_bytes(opt_unfrozen) - state_bytes(opt) == 2 * emb.numel() * 4 + 4
     model, options = ft._model_and_options("adamw", args)
     assert options == {"method": "adamw"} and not model.get_input_embeddings().weight.requires_grad
+    _, options = ft._model_and_options("dct-step", args)  # the published recipe keeps its own gap (1)
+    assert options == {"method": "dct", "rank": 16, "layerwise": False, "plain_lr_ratio": 0.1}
+    opt = gradlore.hf.create_optimizer(tied_llama(), lr=1e-3, **options)
+    projected = [g for g in opt.param_groups if "rank" in g]
+    assert projected and all(g["update_proj_gap"] == 1 and g["on_refresh"] == "remap" for g in projected)
 
 
 def row(method: str, ppl: float, peak_mib: int, lr: float = 3e-4, **setting) -> tuple[str, dict]:

@@ -9,6 +9,8 @@ Methods (all through the Hugging Face Trainer, the same data, batches, schedule 
   (default: the rank whose adapters hold as many numbers as the projected methods' rank-r moments, below);
 - ``galore``, ``dct`` (the GaLore-style ``dct-galore`` preset), ``fira``: gradlore presets at rank ``--rank`` on every linear layer but the head (the
   tied embedding trains with plain AdamW), through ``gradlore.hf.OptimizerFactory``;
+- ``dct-step``: the published SVD-free recipe (preset ``dct``: columns re-selected every step, moments that
+  follow them, scale 1), whatever ``--gap`` says;
 - ``dct-layerwise``: ``dct`` updating each weight inside backward (gradients freed at once);
 - ``welore-lrc``: WeLore (arXiv 2407.11239) data-aware compression at ``--welore-remove``, then only the
   low-rank factors train (AdamW);
@@ -52,9 +54,9 @@ from gradlore.cache import cache_dir
 from gradlore.errors import UserError
 
 DEFAULT_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "tinyshakespeare.txt"
-METHODS = ("base", "adamw", "lora", "galore", "dct", "fira", "dct-layerwise", "welore-lrc")
-GRADLORE = ("galore", "dct", "fira", "dct-layerwise", "welore-lrc")
-PROJECTED = ("galore", "dct", "fira", "dct-layerwise")
+METHODS = ("base", "adamw", "lora", "galore", "dct", "dct-step", "fira", "dct-layerwise", "welore-lrc")
+GRADLORE = ("galore", "dct", "dct-step", "fira", "dct-layerwise", "welore-lrc")
+PROJECTED = ("galore", "dct", "dct-step", "fira", "dct-layerwise")
 VARIANTS = {"freeze_embedding": False, "plain_lr_ratio": 1.0, "gradient_checkpointing": False}  # flag: default
 MIB = 2**20
 
@@ -125,8 +127,10 @@ def _model_and_options(method: str, args: argparse.Namespace) -> tuple[torch.nn.
     if method == "adamw":
         return model, {"method": "adamw"}
     name, layerwise = method.removesuffix("-layerwise"), method.endswith("-layerwise")
-    name = {"dct": "dct-galore"}.get(name, name)  # GaLore-style DCT at --gap (the published per-step dct is issue 9's)
     extra = {"plain_lr_ratio": args.plain_lr_ratio} if "plain_lr_ratio" in variants(method, args) else {}
+    if name == "dct-step":  # the published recipe: its own gap (1), remap, scale 1
+        return model, {"method": "dct", "rank": args.rank, "layerwise": layerwise, **extra}
+    name = {"dct": "dct-galore"}.get(name, name)  # GaLore-style DCT at --gap
     return model, {"method": name, "rank": args.rank, "update_proj_gap": args.gap, "layerwise": layerwise, **extra}
 
 
