@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -149,8 +150,10 @@ def test_precomputed_stats_of_another_model_do_not_hit_the_cache(tmp_path):
     assert len(list((tmp_path / "spectra").glob("*whiten*.safetensors"))) == 2
 
 
-def test_two_processes_choose_the_same_ranks_and_outputs(tmp_path):
-    """`gradlore compress --data-aware whiten` in two fresh processes (separate caches): identical files."""
+@pytest.mark.parametrize("method", ["welore", "loss"])
+def test_two_processes_choose_the_same_ranks_and_outputs(tmp_path, method):
+    """`gradlore compress --data-aware whiten` in two fresh processes (separate caches): identical files, with
+    WeLore's allocation and with the loss-based one (whose sensitivities come from a backward pass)."""
     torch.manual_seed(0)
     model = same_shape_llama(layers=3)
     folder = tmp_path / "dense"
@@ -163,7 +166,7 @@ def test_two_processes_choose_the_same_ranks_and_outputs(tmp_path):
         env["GRADLORE_CACHE"] = str(tmp_path / f"cache{i}")
         cmd = [sys.executable, "-m", "gradlore.cli", "compress", "--model", str(folder), "--remove", "0.3",
                "--data-aware", "whiten", "--calibration", str(SHAKESPEARE), "--calibration-tokens", "2048",
-               "--calibration-context", "64", "--out", str(out)]
+               "--calibration-context", "64", "--method", method, "--out", str(out)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(out)
