@@ -49,6 +49,8 @@ def test_variants_get_their_own_keys_only_where_they_change_the_run(tmp_path):
     assert ft.run_key("lora", 3e-4, args) == "lora@0.0003+gc"  # peft already freezes the embedding
     assert ft.run_key("welore-lrc", 3e-4, args) == "welore-lrc@0.0003+gc"
     assert ft.run_key("base", 0, args) == "base@0"  # no training: nothing changes
+    seeded = parse(tmp_path, "--freeze-embedding", "--seed", "2")
+    assert ft.run_key("dct-step", 1.5e-4, seeded) == "dct-step@0.00015+frozen-emb+s2"  # seeds never overwrite
     assert ft._setting(args, "base") == OLD_SETTING
     assert ft.training_arguments("dct", 3e-4, args).activation_checkpointing
     assert parse(tmp_path, "--activation-checkpointing").gradient_checkpointing  # transformers' own name

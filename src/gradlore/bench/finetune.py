@@ -149,7 +149,8 @@ def variants(method: str, args: argparse.Namespace) -> dict[str, Any]:
 def run_key(method: str, lr: float, args: argparse.Namespace) -> str:
     tags = {"freeze_embedding": lambda v: "frozen-emb", "plain_lr_ratio": lambda v: f"plain-lr-x{v:g}",
             "gradient_checkpointing": lambda v: "gc"}
-    return f"{method}@{lr:g}" + "".join(f"+{tags[k](v)}" for k, v in variants(method, args).items())
+    seed = f"+s{args.seed}" if args.seed else ""  # seed 0 keeps the keys recorded before seeds were run
+    return f"{method}@{lr:g}" + "".join(f"+{tags[k](v)}" for k, v in variants(method, args).items()) + seed
 
 
 def training_arguments(method: str, lr: float, args: argparse.Namespace) -> Any:
