@@ -264,6 +264,8 @@ def _label(r: dict[str, Any]) -> str:
         tags.append("embedding frozen")
     if "plain_lr_ratio" in setting:
         tags.append(f"plain LR ×{setting['plain_lr_ratio']:g}")
+    if setting.get("seed"):  # a repeat of a sweep run on another seed (seed 0 rows stay as recorded)
+        tags.append(f"seed {setting['seed']}")
     return r["method"] + (f" ({', '.join(tags)})" if tags else "")
 
 
