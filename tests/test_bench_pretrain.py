@@ -92,9 +92,8 @@ def test_bench_refresh_times_the_step_it_claims_and_its_selection_really_changes
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(24, 40, generator=gen)) for _ in range(2)]
     grads = [[torch.randn(24, 40, generator=gen) for _ in params] for _ in range(2)]
-    for keys in refresh.SETTINGS.values():
-        times = refresh._time_steps(params, 2, grads, keys, rank=6, steps=3, warmup=1)
-        assert len(times) == 3 and all(t > 0 for t in times)
+    times = refresh._time_steps(params, 2, grads, list(refresh.SETTINGS.values()), rank=6, steps=3, warmup=1)
+    assert len(times) == len(refresh.SETTINGS) and all(len(ts) == 3 and all(t > 0 for t in ts) for ts in times)
     opt = gradlore_dct_optimizer(params)
     picks = []
     for t in range(3):

@@ -47,6 +47,19 @@ def test_the_optimizer_refuses_what_its_sharded_step_cannot_do():
         check_parallel({"state": "8bit", "params": [wide]}, True)
     with pytest.raises(UserError, match=r"torch.bfloat16 weights are not supported on several processes.*Fix:"):
         check_parallel({"state": "fp32", "params": [wide, narrow]}, True)
+    with pytest.raises(UserError, match=r"residual='ef' \(error feedback\) is not supported on several.*Fix:"):
+        check_parallel({"state": "fp32", "residual": "ef", "params": [wide]}, True)
+    check_parallel({"state": "fp32", "residual": "ef", "params": [wide]}, False)
+
+
+def test_parallel_refuses_error_feedback_before_training():
+    cfg = preset("tiny")
+    cfg.optim.name = "dct"
+    cfg.optim.overrides = {"residual": "ef"}
+    cfg.validate()  # one process: fine
+    cfg.train.parallel = "ddp"
+    with pytest.raises(UserError, match=r"train.parallel=ddp: optim.residual=ef .*not supported.*Fix:"):
+        cfg.validate()
 
 
 def _args(*argv: str):

@@ -21,6 +21,7 @@ import gradlore
 from gradlore.errors import UserError
 from gradlore.optim.build import OptimConfig
 from gradlore.optim.moments import Remap
+from gradlore.projectors.dct import _stable_order_device, stable_order
 
 SHAPES = [(48, 32), (32, 48)]  # both orientations, rank below both sides
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -52,18 +53,37 @@ def _oriented(shape) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # remap itself
 # ---------------------------------------------------------------------------------------------------------
-def test_remap_moves_rows_with_their_index_and_zeroes_new_ones():
+def test_stable_order_keeps_survivors_in_place_and_fills_dropped_positions_in_order():
+    assert stable_order(torch.tensor([1, 3, 5, 7]), torch.tensor([3, 4, 7, 9]), 10).tolist() == [4, 3, 9, 7]
+    assert stable_order(torch.tensor([9, 2, 5]), torch.tensor([2, 5, 9]), 10).tolist() == [9, 2, 5]  # same set
+    assert stable_order(torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), 6).tolist() == [3, 4, 5]  # all new
+    gen = torch.Generator().manual_seed(0)
+    old = torch.randperm(50, generator=gen)[:12]  # any order, as after earlier refreshes
+    for _ in range(20):
+        new = torch.randperm(50, generator=gen)[:12].sort().values
+        out = stable_order(old, new, 50)
+        assert sorted(out.tolist()) == new.tolist()  # the same set
+        stays = torch.isin(old, new)
+        assert torch.equal(out[stays], old[stays])  # a survivor keeps its position
+        comers = out[~stays]
+        assert bool((comers[1:] > comers[:-1]).all()) and not bool(torch.isin(comers, old).any())
+        assert torch.equal(_stable_order_device(old, new, 50), out)  # the sync-free path of accelerators agrees
+        old = out
+
+
+def test_remap_keeps_rows_with_their_index_and_zeroes_new_ones():
     m = torch.arange(1.0, 5.0)[:, None] * torch.ones(4, 3)  # row i holds i+1
-    state = {"proj.indices": torch.tensor([3, 4, 7, 9]), "exp_avg": m.clone(), "exp_avg_sq": 10 * m.clone(),
-             "remap.age": torch.tensor([5.0, 6.0, 7.0, 8.0])}
     before = {"proj.indices": torch.tensor([1, 3, 5, 7])}
+    # the projector placed the new set {3, 4, 7, 9}: 3 and 7 stay in their rows, 4 and 9 take the rows of 1 and 5
+    state = {"proj.indices": stable_order(before["proj.indices"], torch.tensor([3, 4, 7, 9]), 10),
+             "exp_avg": m.clone(), "exp_avg_sq": 10 * m.clone(), "remap.age": torch.tensor([5.0, 6.0, 7.0, 8.0])}
     exp_avg = state["exp_avg"]
     Remap("row").refreshed(state, before, projector=None)
-    # index 3 was row 1 (value 2), index 7 was row 3 (value 4); 4 and 9 are new
-    assert state["exp_avg"][:, 0].tolist() == [2.0, 0.0, 4.0, 0.0]
-    assert state["exp_avg_sq"][:, 0].tolist() == [20.0, 0.0, 40.0, 0.0]
-    assert state["remap.age"].tolist() == [6.0, 0.0, 8.0, 0.0]
-    assert state["exp_avg"] is exp_avg  # moved in place: the same tensors stay in the state
+    assert state["proj.indices"].tolist() == [4, 3, 9, 7]
+    assert state["exp_avg"][:, 0].tolist() == [0.0, 2.0, 0.0, 4.0]  # index 3 keeps value 2, index 7 value 4
+    assert state["exp_avg_sq"][:, 0].tolist() == [0.0, 20.0, 0.0, 40.0]
+    assert state["remap.age"].tolist() == [0.0, 6.0, 0.0, 8.0]
+    assert state["exp_avg"] is exp_avg  # in place: the same tensors stay in the state
 
 
 def test_remap_is_refused_for_projectors_that_do_not_select_indices():
@@ -276,3 +296,34 @@ def test_remap_global_matches_the_authors_rotation_once_its_two_cpu_quirks_are_r
         results[bias] = max(float((a - b).detach().abs().max()) for a, b in zip(model.parameters(), theirs_model.parameters()))
     assert results["global"] < 1e-7  # its Makhoul twiddles are complex64: ~1e-9 here
     assert results["row"] > 1e-3
+
+
+def test_error_feedback_matches_the_authors_dct_adamw_with_use_ef(monkeypatch):
+    """DCTAdamW(use_ef=True) keeps what the projection dropped, Ξ = G' - P·Pᵀ·G', and adds it to the next
+    gradient, G' = G + Ξ, before it selects columns: our ``residual="ef"`` (same two CPU quirks removed as above)."""
+    dct_adamw = _authors_dct_adamw()
+    module_globals = dct_adamw.__init__.__globals__
+    projector_cls = module_globals["FFTLowRankProjector"]
+    monkeypatch.setattr(projector_cls, "rotate_subspace",
+                        lambda self, rot, w: w.copy_(w @ rot if self.is_right_proj else rot @ w))
+    monkeypatch.setitem(module_globals, "dct3_matrix", lambda n, dtype, device: _basis(n).mT.to(dtype))
+    lr, wd, steps = 1e-2, 0.1, 15
+    theirs_model = _model()
+    with contextlib.redirect_stdout(io.StringIO()):
+        theirs = dct_adamw(theirs_model.parameters(), lr=lr, weight_decay=wd, rank=8, proj="dct", update_proj_gap=1,
+                           rotate_subspace=True, sim_type="makhoul", use_ef=True, betas=BETAS, eps=EPS)
+        _train(theirs_model, theirs, steps)
+    diffs = {}
+    for residual in ("ef", "discard"):
+        model = _model()
+        groups = [{"params": [model[0].bias, model[2].bias]},
+                  {"params": [model[0].weight, model[2].weight], **gradlore.presets.dct(rank=8, residual=residual)}]
+        opt = gradlore.LowRankAdamW(groups, lr=lr, weight_decay=wd)
+        _train(model, opt, steps)
+        diffs[residual] = max(float((a - b).detach().abs().max())
+                              for a, b in zip(model.parameters(), theirs_model.parameters()))
+        if residual == "ef":
+            buf = opt.state[model[0].weight]["ef.buffer"]  # (s, l) = (32, 48): the oriented frame
+            assert buf.shape == (32, 48) and buf.dtype == torch.float64 and float(buf.abs().max()) > 0
+    assert diffs["ef"] < 1e-7
+    assert diffs["discard"] > 1e-3  # the feedback changes the trajectory: the comparison can fail

@@ -40,8 +40,10 @@ METHODS = ["adamw", "galore", "dct", "dct-galore", "columns-remap", "fira", "gal
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "columns-remap": ("dct", {"projector": "columns"}),  # the published recipe on the identity basis
     "dct-row": ("dct", {"remap_bias": "row"}),  # new rows corrected by their own age
+    "dct-ef": ("dct", {"residual": "ef"}),  # with the authors' error feedback (DCTAdamW's use_ef)
 }
-DEFAULT_LRS = {"adamw": [1e-3, 3e-3], "dct": [1e-3, 3e-3], "columns-remap": [1e-3, 3e-3], "dct-row": [1e-3, 3e-3]}
+DEFAULT_LRS = {"adamw": [1e-3, 3e-3], "dct": [1e-3, 3e-3], "columns-remap": [1e-3, 3e-3], "dct-row": [1e-3, 3e-3],
+               "dct-ef": [1e-3, 3e-3]}
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:

@@ -279,7 +279,8 @@ def _select_on_shards(opt: Any, parts: Any, group: dict, frames: list[Frame], st
 
     def finish(k: int, before: dict, coeffs: Tensor, scores: Tensor, wait: Callable[[], None]) -> None:
         wait()
-        out[k] = parts.projector.select(coeffs, scores, group["rank"], states[k])  # (r, l_k)
+        out[k] = parts.projector.select(coeffs, scores, group["rank"], states[k],
+                                        parts.on_refresh.stable_slots)  # (r, l_k)
         opt._settle(parts, group, frames[k].g, states[k], before)
 
     for k in due:

@@ -99,6 +99,10 @@ def check_parallel(group: dict, parallel: bool) -> None:
     """Several processes step float32 weights with ``fp32`` states only (what the sharded step supports)."""
     if not parallel:
         return
+    if group.get("residual") == "ef":
+        raise UserError("gradlore: residual='ef' (error feedback) is not supported on several processes (--parallel) "
+                        "yet: its buffer is not sharded. Fix: residual='discard', 'fira' or 'sign', or train on one "
+                        "process.")
     if group["state"] != "fp32":
         raise UserError(f"gradlore: state={group['state']!r} is not supported on several processes (--parallel): "
                         "its quantized or factored moments are not sharded. Fix: state='fp32' (--set optim.state=fp32 "
@@ -222,7 +226,8 @@ class LowRankAdamW(Optimizer):
     def _choose(parts: Parts, group: dict, name: str, g: Tensor, transposed: bool, state: dict,
                 comm: Comm | None = None) -> Tensor | None:
         """The projector's refresh on g (s, l), or on this rank's columns (s, l_k) given ``comm``."""
-        ctx = Context(name, transposed, refresh_seed(group["seed"], name, clock(state)), comm)
+        ctx = Context(name, transposed, refresh_seed(group["seed"], name, clock(state)), comm,
+                      parts.on_refresh.stable_slots)
         return parts.projector.refresh(g, group["rank"], state, ctx)
 
     @staticmethod
@@ -262,6 +267,9 @@ class LowRankAdamW(Optimizer):
                 f.g.masked_fill_(skip, 0.0)  # a skipped gradient is discarded anyway; zeros keep every term finite
             frames.append(f)
         states = [self.state[p] for p in params]
+        feed = getattr(parts.residual, "feed", None)  # error feedback: every part sees G + Ξ instead of G
+        if feed is not None:
+            frames = [f._replace(g=feed(f.g, state)) for f, state in zip(frames, states)]
         due = [k for k, state in enumerate(states) if parts.refresh.due(state)]
         if due and found_inf is not None and bool(found_inf):  # the refresh reads the host anyway
             # Never choose a subspace from a skipped gradient: nothing changes for these weights. Under several

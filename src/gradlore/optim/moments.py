@@ -9,13 +9,16 @@ Each policy is a part (``on_refresh``):
   tensor, which resets the moments of every state format (``gradlore.optim.formats``).
 - ``remap`` (the SVD-free method as its authors run it, arXiv 2505.17967): for projectors that select
   basis indices (``projector.selects_indices``: ``dct``, ``columns``), each moment row moves with its basis
-  index; rows of newly selected indices start at zero. With old indices I (sorted) and new ones J,
+  index; rows of newly selected indices start at zero. With old indices I and new ones J,
 
       m_new[j] = m_old[i] if I[i] = J[j] else 0,    likewise v (and the row's age, below).
 
   This is exactly the authors' "rotation" m ← m·R, v ← |v·R| with R = Q_Iᵀ Q_J (r, r): Q is orthonormal,
-  so R[i, j] = δ(I[i], J[j]) and the product only moves rows; we move them without a matmul (and without
-  the float rounding that leaks into R's zeros when it is computed).
+  so R[i, j] = δ(I[i], J[j]) and the product only moves rows. We do not even move them: with this policy the
+  projector keeps a re-selected index at its position in ``proj.indices`` and puts the new indices at the
+  positions of the dropped ones (``gradlore.projectors.dct.stable_order``; the row order of m, v, R and the
+  basis columns is one and the same, so it changes nothing in the math). A refresh then only zeroes the rows
+  whose index is new: no matmul, no float rounding leaking into R's zeros, no (r, l) copy.
 
   Bias correction of a new row (``remap_bias``). Adam divides by c₁ = 1-β₁ᵗ and c₂ = 1-β₂ᵗ because a
   moment that started at zero t steps ago holds only that much of its weight. A row born a steps ago
@@ -33,7 +36,7 @@ Each policy is a part (``on_refresh``):
   ``global`` is the default: it is the published rule, runs in the fused kernel, and measured better, not worse
   (issue 9's benchmark: 3–4 % lower perplexity than ``row`` at α 0.25 over 3 seeds, a tie at α 1); the
   larger steps of young rows seem to help newly selected directions catch up.
-  ``remap`` moves rows of ``fp32`` moments only (a quantized block spans rows); ``normalize_group`` refuses
+  ``remap`` zeroes rows of ``fp32`` moments only (a quantized block spans rows); ``normalize_group`` refuses
   another state format.
 
 A policy is called right after the projector chose the new subspace, with ``before`` (the projector's
@@ -57,6 +60,7 @@ class Policy:
     """Moments with one step count per tensor, updated by torch's fused AdamW kernel."""
 
     needs_indices = False  # True: legal only with a projector whose state is basis indices
+    stable_slots = False  # True: the projector keeps a re-selected index at its position (row) in the state
 
     def refreshed(self, state: dict, before: dict, projector: Projector) -> None:
         return None
@@ -93,6 +97,7 @@ class Remap(Policy):
     """Moment rows follow their basis index across a refresh; new rows start at zero (see the module doc)."""
 
     needs_indices = True
+    stable_slots = True
 
     def __init__(self, remap_bias: str = "row") -> None:
         self.by_row = remap_bias == "row"
@@ -100,14 +105,17 @@ class Remap(Policy):
     def refreshed(self, state: dict, before: dict, projector: Projector) -> None:
         if "exp_avg" not in state:
             return
-        old, new = before["proj.indices"], state["proj.indices"]  # (r,) each, ascending
-        pos = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)  # where new[j] would sit among old
-        fresh = old.index_select(0, pos) != new  # (r,): j was not selected before
+        # The projector kept every re-selected index at its position (``stable_slots``), so a row that follows its
+        # index stays where it is: only the rows whose index is new change, to zero.
+        fresh = before["proj.indices"] != state["proj.indices"]  # (r,)
         keys = ["exp_avg", "exp_avg_sq"] + (["remap.age"] if "remap.age" in state else [])
-        for key in keys:
-            moved = state[key].index_select(0, pos)  # (r, l) or (r,): row j <- old row pos[j]
-            # masked_fill_ with a broadcast mask: no nonzero(), so no host sync on a GPU
-            state[key].copy_(moved.masked_fill_(fresh.view(-1, *(1,) * (moved.dim() - 1)), 0))
+        if fresh.device.type == "cpu":  # write the new rows only (finding them is no host sync on the CPU)
+            rows = fresh.nonzero().squeeze(1)
+            for key in keys:
+                state[key].index_fill_(0, rows, 0)
+        else:  # a broadcast mask: no nonzero(), so no host sync on a GPU
+            for key in keys:
+                state[key].masked_fill_(fresh.view(-1, *(1,) * (state[key].dim() - 1)), 0)
 
     def directions(self, rs: list[Tensor], states: list[dict], betas: tuple[float, float], eps: float,
                    fused: bool | None, fmt: Full = FP32, found_inf: Tensor | None = None) -> list[Tensor]:

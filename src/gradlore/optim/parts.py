@@ -10,7 +10,7 @@ A group that carries ``rank`` is projected. Its keys are also the projection key
 of the four parts it chose (one per slot):
 
     projector   svd | svd-int4 | dct | columns | random | identity     (gradlore.projectors.PROJECTORS)
-    residual    discard | fira | sign                       (RESIDUALS)
+    residual    discard | fira | sign | ef                  (RESIDUALS)
     refresh     every | lazy                                (gradlore.projectors.REFRESH)
     on_refresh  keep | reset | remap                        (ON_REFRESH; remap needs an index-selecting projector)
 
@@ -28,7 +28,7 @@ from typing import Any
 from gradlore.errors import UserError, did_you_mean
 from gradlore.optim.formats import Blockwise8bit, Factored, Full
 from gradlore.optim.moments import Keep, Remap, Reset
-from gradlore.optim.residual import Discard, FiraScale, SignDescent
+from gradlore.optim.residual import Discard, ErrorFeedback, FiraScale, SignDescent
 from gradlore.optim.rounding import ROUNDING
 from gradlore.projectors import PROJECTORS, REFRESH
 from gradlore.quant import CODES
@@ -40,6 +40,7 @@ RESIDUALS.add("fira", FiraScale, fira_gamma=Option(1.01, float, check=lambda v: 
                                                    doc="Fira's norm-growth limit γ"))
 RESIDUALS.add("sign", SignDescent, residual_lr_ratio=Option(1.0, float, check=lambda v: v >= 0, rule="at least 0",
                                                             doc="LR ratio of FRUGAL's signSGD on the residual"))
+RESIDUALS.add("ef", ErrorFeedback)
 
 ON_REFRESH = Registry("on_refresh")
 ON_REFRESH.add("keep", Keep)

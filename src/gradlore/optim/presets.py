@@ -48,7 +48,9 @@ def dct(rank: int = 128, **overrides: Any) -> Group:
       own age instead: issue 9's benchmark found it 3–4 % worse (α 0.25, 3 seeds, 300 and 900 steps) and
       no better at α 1, so the published rule is the default;
     - ``scale=1.0``: DCTAdamW has no scale on the update (GaLore's 0.25 is not part of this method);
-    - ``residual="discard"``: DCTAdamW drops the complement (its error feedback is off by default).
+    - ``residual="discard"``: DCTAdamW drops the complement (its error feedback, ``use_ef``, is off by default;
+      ``residual="ef"`` is that feedback, equal to DCTAdamW's ``use_ef=True``, at one float32 copy of each
+      projected weight).
     Its LR is not GaLore's: with α = 1 the projected update is 4× GaLore-style's at the same LR, while the
     unprojected weights (embeddings, head, norms) keep the LR, so tune it afresh (issue 9's benchmark, small
     LLaMA on Shakespeare: best 1e-3 of {1, 2, 4}e-3, where ``dct-galore``'s was 5e-3 of {2, 3, 5}e-3). At that

@@ -17,6 +17,11 @@ carries its term, so that a term which is low-rank or column-scaled costs no (s,
   Gram matrix: ‖S_j‖² = ‖G_j‖² - 2‖R_j‖² + R_jᵀ(PᵀP)R_j. Deliberate difference: we use the true
   complement S = G - P·R, where the authors subtract scale·P·R (identical at scale = 1).
 - sign (FRUGAL, arXiv 2411.07837): state-free signSGD on S, dense = residual_lr_ratio · sign(S).
+- ef (error feedback; the SVD-free paper's DCT-AdamW, arXiv 2505.17967, after MicroAdam, arXiv 2405.15593):
+  S is not applied but kept, Ξ, and added to the next gradient before anything else sees it:
+      G' = G + Ξ;   the subspace is chosen from G' at a refresh;   R = Pᵀ G';   Ξ ← G' - P·R.
+  Nothing of the gradient is lost, only delayed until it enters the subspace. Ξ (s, l) is a float32 state
+  tensor (``ef.buffer``): one more copy of the weight in memory (the authors also offer it quantized).
 
 Every term is column-local except Fira's ‖S ⊙ φ‖, a sum over all columns: when g holds only this rank's
 columns (FSDP2 sharding along l), ``comm`` adds the other ranks' partial sums (one scalar all-reduce).
@@ -81,6 +86,24 @@ class FiraScale:
         state["fira.prev_norm"] = norm
         col = phi * kappa.to(phi.dtype)
         return Correction(low=-(r * col[None, :]), col=col)
+
+
+class ErrorFeedback:
+    state_keys = ("ef.buffer",)  # the state this rule owns (a skipped step restores it)
+
+    @staticmethod
+    def feed(g: Tensor, state: dict) -> Tensor:
+        """G' = G + Ξ, built inside Ξ's buffer: the caller's gradient stays as it is and no (s, l) temporary is made."""
+        buf = state.get("ef.buffer")
+        if buf is None:
+            buf = state["ef.buffer"] = torch.zeros(g.shape, dtype=torch.promote_types(g.dtype, torch.float32),
+                                                   device=g.device)
+        return buf.add_(g)
+
+    def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
+                 betas: tuple[float, float], comm: Reducer | None = None) -> None:
+        projector.up_add_(g, r, state, -1.0)  # g is G' in Ξ's buffer: Ξ ← G' - P·R, in place
+        return None
 
 
 class SignDescent:

@@ -43,12 +43,13 @@ class Context(NamedTuple):
     transposed: bool  # the oriented gradient (s, l) is the stored gradient's transpose
     seed: int  # for seeded bases: a function of the group's seed, the parameter and the refresh step
     comm: Reducer | None = None  # set when g holds only this rank's columns of the (s, l) gradient
+    stable_slots: bool = False  # the moments keep each row with its basis index (``on_refresh="remap"``)
 
 
 class Projector(Protocol):
     """Maps (s, l) gradients to (r, l) coordinates and back. State lives in ``state`` (tensors only)."""
 
-    selects_indices: bool  # state is ``proj.indices`` (r,) int64, ascending, into a fixed basis: moment rows can follow them
+    selects_indices: bool  # state is ``proj.indices`` (r,) int64 into a fixed basis: moment rows can follow them
     refreshes_on_shards: bool  # refresh() works on a column shard of G, given ctx.comm (else: the whole G)
     reads_gradient: bool  # refresh() depends on G (else every rank computes it alone: seeded or none)
 

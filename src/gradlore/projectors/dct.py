@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import scipy.fft
 import torch
 from torch import Tensor
@@ -92,6 +93,33 @@ def dct_scipy(x: Tensor) -> Tensor:
     return torch.from_numpy(out).to(x.dtype)
 
 
+def stable_order(old: Tensor, new: Tensor, s: int) -> Tensor:
+    """The indices ``new`` (ascending, in [0, s)) placed so that each one also in ``old`` keeps its position
+    there; the others take the positions of ``old``'s dropped indices, both in ascending order. E.g. old
+    [1, 3, 5, 7], new [3, 4, 7, 9] -> [4, 3, 9, 7]. Deterministic.
+
+    On the CPU it runs in numpy, whose per-operation overhead on these (r,) vectors is a tenth of torch's (it is
+    paid for every weight at every step); elsewhere in torch, with no host sync (no boolean indexing)."""
+    if old.device.type == "cpu":
+        o, n = old.numpy(), new.numpy()
+        in_new, in_old = np.zeros(s, dtype=bool), np.zeros(s, dtype=bool)  # membership tables
+        in_new[n], in_old[o] = True, True
+        out = o.copy()
+        out[~in_new[o]] = n[~in_old[n]]  # dropped positions, in order, get the arriving indices, in order
+        return torch.from_numpy(out)
+    return _stable_order_device(old, new, s)
+
+
+def _stable_order_device(old: Tensor, new: Tensor, s: int) -> Tensor:
+    """``stable_order`` by sync-free torch ops: compaction by stable sorts of the membership flags."""
+    in_new = torch.zeros(s, dtype=torch.bool, device=old.device).index_fill_(0, new, True)
+    in_old = torch.zeros(s, dtype=torch.bool, device=old.device).index_fill_(0, old, True)
+    stays = in_new.index_select(0, old)  # (r,) positions whose index survives
+    slots = torch.argsort(stays.to(torch.uint8), stable=True)  # dropped positions first, ascending
+    comers = torch.argsort(in_old.index_select(0, new).to(torch.uint8), stable=True)  # arriving indices first
+    return old.scatter(0, slots, torch.where(stays[slots], old[slots], new[comers]))
+
+
 class SelectProjector(ProjectorBase):
     """Keep the r basis directions best aligned with the gradient; store only their indices."""
 
@@ -114,9 +142,16 @@ class SelectProjector(ProjectorBase):
         coeffs = self.coefficients(g)  # (s, l)
         return coeffs, (coeffs.abs().sum(1) if self.norm == "l1" else coeffs.square().sum(1)).float()
 
-    def select(self, coeffs: Tensor, scores: Tensor, rank: int, state: dict) -> Tensor:
-        """Keep the top-r directions; returns their rows of Qᵀ G (r, l), this step's projection."""
+    def select(self, coeffs: Tensor, scores: Tensor, rank: int, state: dict, stable_slots: bool = False) -> Tensor:
+        """Keep the top-r directions; returns their rows of Qᵀ G (r, l), this step's projection.
+
+        The indices are ascending; with ``stable_slots`` an index that was selected before keeps its position
+        (``stable_order``), so moment rows that follow their index never have to move.
+        """
         idx = torch.topk(scores, rank, sorted=False).indices.sort().values  # (r,) ascending
+        old = state.get("proj.indices")
+        if stable_slots and old is not None and old.shape == idx.shape:
+            idx = stable_order(old, idx, scores.numel())
         state["proj.indices"] = idx
         return coeffs.index_select(0, idx)  # (r, l): reuse the product for this step's projection
 
@@ -124,7 +159,7 @@ class SelectProjector(ProjectorBase):
         coeffs, scores = self.score(g)
         if ctx.comm is not None:  # g holds this rank's columns: add the other ranks' partial scores
             ctx.comm.all_reduce_(scores)
-        return self.select(coeffs, scores, rank, state)
+        return self.select(coeffs, scores, rank, state, ctx.stable_slots)
 
     def down(self, g: Tensor, state: dict) -> Tensor:
         q = self.columns(state["proj.indices"], g.shape[0], g.dtype, g.device)

@@ -134,6 +134,10 @@ class RunConfig:
                                 "(the sharded step updates float32 weights with fp32 moments). Fix: --set "
                                 "memory.weights=fp32 --set optim.state=fp32 --set optim.plain_state=fp32 (--memory low "
                                 "sets them), or train on one process.")
+            if self.optim.group_overrides().get("residual") == "ef":
+                raise UserError(f"train.parallel={self.train.parallel}: optim.residual=ef (error feedback) is not "
+                                "supported on several processes yet (its buffer is not sharded). Fix: another "
+                                "residual (discard, fira, sign), or train on one process.")
         return self
 
     @property
