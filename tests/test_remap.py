@@ -269,61 +269,53 @@ def test_dct_matches_the_authors_dct_adamw_in_makhoul_mode_without_refresh():
     assert math.isfinite(ours_losses[-1]) and ours_losses[-1] < ours_losses[0]
 
 
+def _authors_rotating(monkeypatch, steps: int = 15, **options) -> torch.nn.Module:
+    """The model after ``steps`` steps of DCTAdamW re-selecting every step with ``rotate_subspace=True``, with its
+    rotation made out of place and an exact float64 basis (see the test below)."""
+    dct_adamw = _authors_dct_adamw()
+    module_globals = dct_adamw.__init__.__globals__
+    monkeypatch.setattr(module_globals["FFTLowRankProjector"], "rotate_subspace",
+                        lambda self, rot, w: w.copy_(w @ rot if self.is_right_proj else rot @ w))
+    monkeypatch.setitem(module_globals, "dct3_matrix", lambda n, dtype, device: _basis(n).mT.to(dtype))  # rows: cosines
+    model = _model()
+    with contextlib.redirect_stdout(io.StringIO()):
+        opt = dct_adamw(model.parameters(), lr=1e-2, weight_decay=0.1, rank=8, proj="dct", update_proj_gap=1,
+                        rotate_subspace=True, sim_type="makhoul", betas=BETAS, eps=EPS, **options)
+        _train(model, opt, steps)
+    return model
+
+
+def _ours_dct(steps: int = 15, **keys) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The model after ``steps`` steps of our ``dct`` preset (with ``keys``) at the same LR and weight decay."""
+    model = _model()
+    groups = [{"params": [model[0].bias, model[2].bias]},
+              {"params": [model[0].weight, model[2].weight], **gradlore.presets.dct(rank=8, **keys)}]
+    opt = gradlore.LowRankAdamW(groups, lr=1e-2, weight_decay=0.1)
+    _train(model, opt, steps)
+    return model, opt
+
+
+def _max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max(float((x - y).detach().abs().max()) for x, y in zip(a.parameters(), b.parameters()))
+
+
 def test_remap_global_matches_the_authors_rotation_once_its_two_cpu_quirks_are_removed(monkeypatch):
     """DCTAdamW with ``rotate_subspace=True`` and ``update_proj_gap=1`` is the published method with the authors'
     global step count. Two things keep it from running right on CPU: ``torch.matmul(w, R, out=w)`` multiplies
     into its own input (wrong values), and its basis is built in float32, so R = Q_prevᵀQ_crt leaks ~1e-8
     of every old row into the new ones (visible where v is tiny). With the product made out of place and an
     exact float64 basis, it equals ``remap_bias="global"``; ``"row"`` is another (deliberately different) method."""
-    dct_adamw = _authors_dct_adamw()
-    module_globals = dct_adamw.__init__.__globals__
-    projector_cls = module_globals["FFTLowRankProjector"]
-    monkeypatch.setattr(projector_cls, "rotate_subspace",
-                        lambda self, rot, w: w.copy_(w @ rot if self.is_right_proj else rot @ w))
-    monkeypatch.setitem(module_globals, "dct3_matrix", lambda n, dtype, device: _basis(n).mT.to(dtype))  # rows: cosines
-    lr, wd, steps = 1e-2, 0.1, 15
-    theirs_model = _model()
-    with contextlib.redirect_stdout(io.StringIO()):
-        theirs = dct_adamw(theirs_model.parameters(), lr=lr, weight_decay=wd, rank=8, proj="dct", update_proj_gap=1,
-                           rotate_subspace=True, sim_type="makhoul", betas=BETAS, eps=EPS)
-        _train(theirs_model, theirs, steps)
-    results = {}
-    for bias in ("global", "row"):
-        model = _model()
-        groups = [{"params": [model[0].bias, model[2].bias]},
-                  {"params": [model[0].weight, model[2].weight], **gradlore.presets.dct(rank=8, remap_bias=bias)}]
-        _train(model, gradlore.LowRankAdamW(groups, lr=lr, weight_decay=wd), steps)
-        results[bias] = max(float((a - b).detach().abs().max()) for a, b in zip(model.parameters(), theirs_model.parameters()))
-    assert results["global"] < 1e-7  # its Makhoul twiddles are complex64: ~1e-9 here
-    assert results["row"] > 1e-3
+    theirs = _authors_rotating(monkeypatch)
+    assert _max_diff(_ours_dct(remap_bias="global")[0], theirs) < 1e-7  # its Makhoul twiddles are complex64
+    assert _max_diff(_ours_dct(remap_bias="row")[0], theirs) > 1e-3
 
 
 def test_error_feedback_matches_the_authors_dct_adamw_with_use_ef(monkeypatch):
     """DCTAdamW(use_ef=True) keeps what the projection dropped, Ξ = G' - P·Pᵀ·G', and adds it to the next
     gradient, G' = G + Ξ, before it selects columns: our ``residual="ef"`` (same two CPU quirks removed as above)."""
-    dct_adamw = _authors_dct_adamw()
-    module_globals = dct_adamw.__init__.__globals__
-    projector_cls = module_globals["FFTLowRankProjector"]
-    monkeypatch.setattr(projector_cls, "rotate_subspace",
-                        lambda self, rot, w: w.copy_(w @ rot if self.is_right_proj else rot @ w))
-    monkeypatch.setitem(module_globals, "dct3_matrix", lambda n, dtype, device: _basis(n).mT.to(dtype))
-    lr, wd, steps = 1e-2, 0.1, 15
-    theirs_model = _model()
-    with contextlib.redirect_stdout(io.StringIO()):
-        theirs = dct_adamw(theirs_model.parameters(), lr=lr, weight_decay=wd, rank=8, proj="dct", update_proj_gap=1,
-                           rotate_subspace=True, sim_type="makhoul", use_ef=True, betas=BETAS, eps=EPS)
-        _train(theirs_model, theirs, steps)
-    diffs = {}
-    for residual in ("ef", "discard"):
-        model = _model()
-        groups = [{"params": [model[0].bias, model[2].bias]},
-                  {"params": [model[0].weight, model[2].weight], **gradlore.presets.dct(rank=8, residual=residual)}]
-        opt = gradlore.LowRankAdamW(groups, lr=lr, weight_decay=wd)
-        _train(model, opt, steps)
-        diffs[residual] = max(float((a - b).detach().abs().max())
-                              for a, b in zip(model.parameters(), theirs_model.parameters()))
-        if residual == "ef":
-            buf = opt.state[model[0].weight]["ef.buffer"]  # (s, l) = (32, 48): the oriented frame
-            assert buf.shape == (32, 48) and buf.dtype == torch.float64 and float(buf.abs().max()) > 0
-    assert diffs["ef"] < 1e-7
-    assert diffs["discard"] > 1e-3  # the feedback changes the trajectory: the comparison can fail
+    theirs = _authors_rotating(monkeypatch, use_ef=True)
+    ours, opt = _ours_dct(residual="ef")
+    assert _max_diff(ours, theirs) < 1e-7
+    buf = opt.state[ours[0].weight]["ef.buffer"]  # (s, l) = (32, 48): the oriented frame
+    assert buf.shape == (32, 48) and buf.dtype == torch.float64 and float(buf.abs().max()) > 0
+    assert _max_diff(_ours_dct(residual="discard")[0], theirs) > 1e-3  # the feedback matters: the test can fail
