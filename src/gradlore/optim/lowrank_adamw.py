@@ -3,11 +3,12 @@
 For a 2-D weight W (m, n) in a group that carries ``rank``:
 
     G ← orient(∇W)                      (s, l), s = min(m, n)        GaLore's "std" orientation
+    G ← G + Ξ                           only with residual "ef": the part dropped before (error feedback)
     every update_proj_gap steps: choose the subspace P from G         (projector: svd | dct | ...)
     R = Pᵀ G                            (r, l)
     D = Adam(R) = m̂ / (√v̂ + ε)          (r, l), torch's fused kernel
     W ← W · (1 - lr·wd)                 decoupled weight decay, *before* the update
-    W ← W - lr · (scale · P D + residual(G - P R))                    (residual: discard | fira | sign)
+    W ← W - lr · (scale · P D + residual(G - P R))                    (residual: discard | fira | sign | ef)
 
 Groups without ``rank`` are plain AdamW (same fused kernel), as in galore-torch and Hugging Face.
 Weight decay is applied to the weight before the update, as torch.optim.AdamW does; galore-torch
