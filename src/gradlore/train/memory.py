@@ -136,6 +136,7 @@ class MemoryReport(Hook):
         self.step = 0
         self.params: list[torch.Tensor] = []
         self.cuda = False
+        self.optimizer: Any = None
 
     def _now(self) -> int:
         return torch.cuda.memory_allocated() if self.cuda else current_rss_bytes()
@@ -145,7 +146,10 @@ class MemoryReport(Hook):
         if self.best is not None and now <= self.best["bytes"]:
             return
         grads = _bytes([p.grad for p in self.params if p.grad is not None])
-        self.best = {"bytes": now, "step": self.step, "at": where, "gradients": grads, "state": self.state}
+        # the state as it is now: a layer-wise optimizer creates its state during the first backward, after the
+        # last update of self.state (a new peak is rare after the first steps, so this costs little)
+        state = self.state if self.optimizer is None else state_bytes_by_kind(self.optimizer)
+        self.best = {"bytes": now, "step": self.step, "at": where, "gradients": grads, "state": state}
 
     def _grad_hooks(self, when: str) -> None:
         for p in self.params:
@@ -166,6 +170,7 @@ class MemoryReport(Hook):
             self.params = params  # parallel: the wrapper (FSDP2) replaced the parameters; drop the old ones
             self._grad_hooks("backward (gradient complete)")
         self._grad_hooks("backward (after a layer-wise update)")
+        self.optimizer = trainer.optimizer
         self.state = state_bytes_by_kind(trainer.optimizer)
         restored = sum(sum(v.values()) for v in self.state.values())
         self.param_bytes = _bytes(list(trainer.model.parameters()))
@@ -182,6 +187,7 @@ class MemoryReport(Hook):
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.optimizer = None
         if self.best is None:
             return
         peak = torch.cuda.max_memory_allocated() if self.cuda else summary["peak_rss_bytes"]
