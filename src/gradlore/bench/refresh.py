@@ -11,7 +11,8 @@ weight with oriented gradient G (s, l), s ≤ l, rank r:
 
 Measured here: the optimizer step of a model's projected weights (every attention and MLP weight, GaLore's
 ranks: 128 at ``llama_60m``, 512 at ``llama_1b``) with the ``dct`` preset at ``update_proj_gap=1`` (a refresh
-every step; rows bias-corrected by age, and also with ``remap_bias="global"``, the fused kernel) against the
+every step; rows bias-corrected by the tensor's count in the fused kernel, the default, and by their own age,
+``remap_bias="row"``) against the
 same preset at gap 200 (no refresh inside the timed window: the GaLore-style steady step); the share is
 t(gap 1) / t(gap 200) - 1. Two gradient sets alternate, so the selection really changes every step and the
 remap zeroes rows. The settings' optimizers step in turn (one step each, again and again), so a slow spell of
