@@ -106,6 +106,28 @@ def test_bench_refresh_times_the_step_it_claims_and_its_selection_really_changes
     assert set(stages) == {"transform", "score+top-r", "refresh (all)", "steady Q_idxᵀG"}
 
 
+def test_bench_refresh_train_times_whole_steps_of_a_real_model(capsys):
+    """``--train``: forward, backward and optimizer step of a LLaMA of the size, gap 200 vs gap 1, in one table."""
+    import re
+
+    import torch
+
+    from gradlore.bench import refresh
+
+    threads = torch.get_num_threads()
+    try:
+        assert refresh.main(["--train", "--model", "tiny", "--rank", "16", "--vocab", "64", "--seq", "16", "--steps",
+                             "2", "--warmup", "1", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| dct, gap")]
+    assert [r.split(" |")[0] for r in rows] == ["| dct, gap 200 (steady step, no refresh)",
+                                                "| dct, gap 1 (refresh + remap every step; the tensor's count, fused kernel)"]
+    assert rows[0].endswith("| +0.0% | +0.0% |")
+    assert re.search(r"is -?\d+\.\d% of a gap-200 training step", out)
+
+
 def gradlore_dct_optimizer(params):
     import gradlore
 

@@ -76,14 +76,16 @@ def test_memory_low_keeps_remap_moments_fp32_and_every_other_state_8bit(capsys):
         resolve_args(_args("--optimizer", "dct", "--memory", "low", "--set", "optim.state=8bit"))
 
 
+@pytest.mark.parametrize("residual", ["discard", "ef", "fira"])
 @pytest.mark.parametrize("remap_bias", ["row", "global"])
 @pytest.mark.parametrize("skip_at", [1, 3])  # a step between refreshes (per-row ages) and a refresh step
-def test_a_skipped_step_under_remap_changes_nothing_but_the_refresh_clock(skip_at, remap_bias):
-    """found_inf (layer-wise mode's non-finite gradient) with remap: weight, moments, ages and count stay."""
+def test_a_skipped_step_under_remap_changes_nothing_but_the_refresh_clock(skip_at, remap_bias, residual):
+    """found_inf (layer-wise mode's non-finite gradient) with remap: weight, moments, ages, count and the residual
+    rule's state (error feedback's buffer keeps itself without a copy, Fira's norm is restored) stay."""
     w = torch.nn.Parameter(torch.randn(24, 40, generator=torch.Generator().manual_seed(0)))
     opt = gradlore.LowRankAdamW([{"params": [w], "rank": 6, "projector": "dct", "on_refresh": "remap",
-                                  "remap_bias": remap_bias, "update_proj_gap": 3, "scale": 1.0}],
-                                lr=1e-2, weight_decay=0.1)
+                                  "remap_bias": remap_bias, "update_proj_gap": 3, "scale": 1.0,
+                                  "residual": residual}], lr=1e-2, weight_decay=0.1)
     gen = torch.Generator().manual_seed(1)
     for t in range(6):
         if t == skip_at:
@@ -101,3 +103,4 @@ def test_a_skipped_step_under_remap_changes_nothing_but_the_refresh_clock(skip_a
         opt.step()
         assert torch.isfinite(w).all()
     assert ("remap.age" in opt.state[w]) == (remap_bias == "row")
+    assert {"ef": "ef.buffer", "fira": "fira.prev_norm"}.get(residual, "step") in opt.state[w]

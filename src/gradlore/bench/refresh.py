@@ -100,8 +100,55 @@ def stage_times(shape: tuple[int, int], rank: int, repeat: int = 5) -> dict[str,
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+def run_train(args: argparse.Namespace, rank: int) -> int:
+    """Whole training steps (forward, backward, optimizer step) of the model at gap 1 vs gap 200, in turn (the
+    two optimizers share the model's weights; the order alternates). The forward and backward are the same work for
+    both, so the optimizer's extra time over the gap-200 step is the refresh's cost, given as a share of the step."""
+    from gradlore.models import build_llama
+    from gradlore.optim.groups import param_groups
+
+    torch.manual_seed(args.seed)
+    model = build_llama(args.model, args.vocab, args.seq)
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = [torch.randint(args.vocab, (args.batch, args.seq), generator=gen) for _ in range(2)]
+    labels = list(SETTINGS)[:2]  # gap 200 and the default gap 1
+    opts = [LowRankAdamW(param_groups(model, "dct", rank, **keys), lr=1e-4) for keys in list(SETTINGS.values())[:2]]
+    n = sum(p.numel() for p in model.parameters())
+    print(f"bench refresh --train: {args.model} ({n / 1e6:.1f}M parameters, rank {rank} on attention and MLP), "
+          f"batch {args.batch}×{args.seq} tokens, {args.threads} threads, {args.steps} steps per setting", flush=True)
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in labels}  # (forward+backward, optimizer)
+    for t in range(args.warmup + args.steps):
+        order = list(zip(labels, opts))
+        for label, opt in order if t % 2 else order[::-1]:  # alternate who goes first: neither always follows the other
+            ids = batches[t % 2]
+            t0 = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t2 = time.perf_counter()
+            if t >= args.warmup:
+                times[label].append((t1 - t0, t2 - t1))
+    base = times[labels[0]]
+    print("\n| setting | training step, median ms | forward + backward | optimizer step | training step vs gap 200 "
+          "(paired) | optimizer step vs gap 200 (paired) |\n|---|---|---|---|---|---|")
+    for label, ts in times.items():
+        whole = statistics.median(f + o for f, o in ts)
+        paired = statistics.median((f + o) / (bf + bo) for (f, o), (bf, bo) in zip(ts, base))
+        paired_opt = statistics.median(o / bo for (_, o), (_, bo) in zip(ts, base))
+        print(f"| {label} | {whole * 1e3:.0f} | {statistics.median(f for f, _ in ts) * 1e3:.0f} | "
+              f"{statistics.median(o for _, o in ts) * 1e3:.1f} | {100 * (paired - 1):+.1f}% | {100 * (paired_opt - 1):+.1f}% |")
+    extra = statistics.median(o - bo for (_, o), (_, bo) in zip(times[labels[1]], base))
+    print(f"\nThe refresh's extra time, {extra * 1e3:.1f} ms (paired median), is "
+          f"{100 * extra / statistics.median(f + o for f, o in base):.1f}% of a gap-200 training step.")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    if args.train:
+        return run_train(args, args.rank or RANKS.get(args.model, 128))
     rank = args.rank or RANKS.get(args.model, 128)
     shapes = weight_shapes(args.model, args.layers)
     gen = torch.Generator().manual_seed(args.seed)
@@ -143,6 +190,10 @@ def build_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=0, help="rank (default: GaLore's for the size)")
     p.add_argument("--embeddings", action="store_true", help="add the embedding and head (AdamW) to the step")
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--train", action="store_true",
+                   help="time whole training steps of the model (forward, backward, optimizer) instead")
+    p.add_argument("--batch", type=int, default=1, help="--train: sequences per step")
+    p.add_argument("--seq", type=int, default=256, help="--train: tokens per sequence")
     p.add_argument("--steps", type=int, default=10, help="timed steps per setting and round")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)

@@ -89,7 +89,8 @@ class FiraScale:
 
 
 class ErrorFeedback:
-    state_keys = ("ef.buffer",)  # the state this rule owns (a skipped step restores it)
+    state_keys = ("ef.buffer",)  # the state this rule owns
+    skips_itself = True  # given ``skip``, a skipped step leaves Ξ as it was without a copy of it (see __call__)
 
     @staticmethod
     def feed(g: Tensor, state: dict) -> Tensor:
@@ -101,8 +102,10 @@ class ErrorFeedback:
         return buf.add_(g)
 
     def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
-                 betas: tuple[float, float], comm: Reducer | None = None) -> None:
-        projector.up_add_(g, r, state, -1.0)  # g is G' in Ξ's buffer: Ξ ← G' - P·R, in place
+                 betas: tuple[float, float], comm: Reducer | None = None, skip: Tensor | None = None) -> None:
+        # g is G' in Ξ's buffer: Ξ ← G' - P·R, in place. On a skipped step (``skip``, a 0-dim bool tensor) the
+        # optimizer zeroed G, so G' is the old Ξ: leaving out P·R keeps it, exactly, with no host sync.
+        projector.up_add_(g, r if skip is None else r.masked_fill(skip, 0.0), state, -1.0)
         return None
 
 
