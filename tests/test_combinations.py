@@ -76,7 +76,7 @@ def test_memory_low_keeps_remap_moments_fp32_and_every_other_state_8bit(capsys):
         resolve_args(_args("--optimizer", "dct", "--memory", "low", "--set", "optim.state=8bit"))
 
 
-@pytest.mark.parametrize("residual", ["discard", "ef", "fira"])
+@pytest.mark.parametrize("residual", ["discard", "ef", "ef:8", "ef:4", "fira"])
 @pytest.mark.parametrize("remap_bias", ["row", "global"])
 @pytest.mark.parametrize("skip_at", [1, 3])  # a step between refreshes (per-row ages) and a refresh step
 def test_a_skipped_step_under_remap_changes_nothing_but_the_refresh_clock(skip_at, remap_bias, residual):
@@ -85,7 +85,9 @@ def test_a_skipped_step_under_remap_changes_nothing_but_the_refresh_clock(skip_a
     w = torch.nn.Parameter(torch.randn(24, 40, generator=torch.Generator().manual_seed(0)))
     opt = gradlore.LowRankAdamW([{"params": [w], "rank": 6, "projector": "dct", "on_refresh": "remap",
                                   "remap_bias": remap_bias, "update_proj_gap": 3, "scale": 1.0,
-                                  "residual": residual}], lr=1e-2, weight_decay=0.1)
+                                  "residual": residual.split(":")[0],
+                                  **({"ef_bits": int(residual[3:])} if ":" in residual else {})}],
+                                lr=1e-2, weight_decay=0.1)
     gen = torch.Generator().manual_seed(1)
     for t in range(6):
         if t == skip_at:
@@ -103,4 +105,21 @@ def test_a_skipped_step_under_remap_changes_nothing_but_the_refresh_clock(skip_a
         opt.step()
         assert torch.isfinite(w).all()
     assert ("remap.age" in opt.state[w]) == (remap_bias == "row")
-    assert {"ef": "ef.buffer", "fira": "fira.prev_norm"}.get(residual, "step") in opt.state[w]
+    assert {"ef": "ef.buffer", "ef:8": "ef.absmax", "ef:4": "ef.zero", "fira": "fira.prev_norm"}.get(
+        residual, "step") in opt.state[w]
+
+
+@pytest.mark.parametrize("bits,batches", [(32, [2]), (8, [1, 1]), (4, [1, 1])])
+def test_quantized_error_feedback_steps_its_weights_one_at_a_time(monkeypatch, bits, batches):
+    """With ``ef_bits`` < 32, G + Ξ̂ is a float32 temporary of the weight's size: the group's weights are stepped one
+    by one so that only one such temporary lives at a time (float32 feedback keeps its one fused call)."""
+    ws = [torch.nn.Parameter(torch.randn(24, 40)), torch.nn.Parameter(torch.randn(40, 24))]
+    opt = gradlore.LowRankAdamW([{"params": ws, "rank": 6, "projector": "dct", "residual": "ef", "ef_bits": bits}])
+    seen = []
+    real = opt._projected_step
+    monkeypatch.setattr(opt, "_projected_step", lambda gi, group, idx, found_inf: (seen.append(len(idx)),
+                                                                                    real(gi, group, idx, found_inf)))
+    for w in ws:
+        w.grad = torch.randn_like(w)
+    opt.step()
+    assert seen == batches

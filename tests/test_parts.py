@@ -107,7 +107,19 @@ def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, start: int, stop:
 @pytest.mark.parametrize("combo,dtype", _battery(), ids=lambda x: "-".join(x) if isinstance(x, tuple) else str(x))
 def test_save_load_continue_is_bit_exact(combo, dtype, layerwise):
     """Refreshes at 0, 4 and 12 (lazy: 0, 4, 12 too, its gap growing): the continued window holds one."""
-    group = _group(*combo)
+    _check_resume(_group(*combo), dtype, layerwise)
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["plain", "layerwise"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("projector,on_refresh", [("dct", "remap"), ("svd", "keep")])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_error_feedback_saves_loads_and_continues_bit_exact(bits, projector, on_refresh, dtype, layerwise):
+    """``ef_bits`` 8 and 4: the codes and their scales are the state; a resumed run continues exactly."""
+    _check_resume({**_group(projector, "ef", "every", on_refresh, "fp32"), "ef_bits": bits}, dtype, layerwise)
+
+
+def _check_resume(group: dict, dtype: torch.dtype, layerwise: bool) -> None:
     ref_model = _model(dtype)
     ref = _optimizer(ref_model, group, layerwise)
     _train(ref_model, ref, 0, 14)

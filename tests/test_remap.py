@@ -319,3 +319,38 @@ def test_error_feedback_matches_the_authors_dct_adamw_with_use_ef(monkeypatch):
     buf = opt.state[ours[0].weight]["ef.buffer"]  # (s, l) = (32, 48): the oriented frame
     assert buf.shape == (32, 48) and buf.dtype == torch.float64 and float(buf.abs().max()) > 0
     assert _max_diff(_ours_dct(residual="discard")[0], theirs) > 1e-3  # the feedback matters: the test can fail
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_error_feedback_keeps_the_buffer_within_its_code_step_and_tracks_float32_feedback(bits):
+    """``ef_bits`` 8 / 4: after one step Ξ̂ (decoded codes) is Ξ of the float32 feedback to within half a code step
+    of its block (8-bit dynamic code: ≤ 0.9/128 + 2^-11 of the block's absmax; int4: ≤ half the group's scale), the state
+    is the codes and their scales only, and 15 steps land closer to float32 feedback than no feedback does (per-step
+    selection turns any rounding into other columns, so not very close: 0.21 / 0.43 of the distance here)."""
+    from gradlore.optim.residual import EF_GROUP
+    from gradlore.quant import code_book, dequantize_blockwise, dequantize_int4
+
+    full_model, full = _ours_dct(steps=1, residual="ef")
+    model, opt = _ours_dct(steps=1, residual="ef", ef_bits=bits)
+    assert torch.equal(model[0].weight, full_model[0].weight)  # Ξ starts at zero: step 1 is the same step
+    for w, fw in ((model[0].weight, full_model[0].weight), (model[2].weight, full_model[2].weight)):
+        state, xi = opt.state[w], full.state[fw]["ef.buffer"].reshape(-1).float()
+        assert "ef.buffer" not in state and state["ef.codes"].dtype == torch.uint8
+        n = xi.numel()
+        blocks = xi.view(-1, EF_GROUP) if n % EF_GROUP == 0 else None
+        if bits == 8:
+            assert state["ef.codes"].numel() == n
+            got = dequantize_blockwise(state["ef.codes"], state["ef.absmax"], code_book("dynamic", True), EF_GROUP)
+            # half the widest gap of the code book, plus the look-up table's 2^-11 (relative) near midpoints
+            bound = state["ef.absmax"].repeat_interleave(EF_GROUP)[:n] * (0.9 / 128 + 2**-11)
+            if blocks is not None:
+                torch.testing.assert_close(state["ef.absmax"], blocks.abs().amax(1))
+        else:
+            assert state["ef.codes"].numel() == (n + 1) // 2
+            got = dequantize_int4(state["ef.codes"], state["ef.scale"], state["ef.zero"], n, EF_GROUP)
+            bound = state["ef.scale"].repeat_interleave(EF_GROUP)[:n] * 0.5 * (1 + 1e-5)
+        assert float(xi.abs().max()) > 0
+        assert ((got - xi).abs() <= bound).all()
+    ours = _ours_dct(residual="ef", ef_bits=bits)[0]
+    reference, dropped = _ours_dct(residual="ef")[0], _ours_dct(residual="discard")[0]
+    assert _max_diff(ours, reference) < 0.6 * _max_diff(dropped, reference)

@@ -181,8 +181,9 @@ class LowRankAdamW(Optimizer):
             fmt = state_format(group)
             self._plain_step(gi, group, plain, fmt, found_inf)
             # One fused call for the whole group where it can; weight by weight otherwise, so that float32
-            # working copies of narrow weights never coexist.
-            together = fmt.kernel_path and all(is_wide(group["params"][i]) for i in projected)
+            # working copies of narrow weights (or a quantized error feedback's G + Ξ̂) never coexist.
+            together = fmt.kernel_path and all(is_wide(group["params"][i]) for i in projected) and not (
+                projected and getattr(Parts.of(group).residual, "one_at_a_time", False))
             for batch in ([projected] if together else [[i] for i in projected]):
                 if batch:
                     self._projected_step(gi, group, batch, found_inf)

@@ -40,7 +40,8 @@ RESIDUALS.add("fira", FiraScale, fira_gamma=Option(1.01, float, check=lambda v: 
                                                    doc="Fira's norm-growth limit γ"))
 RESIDUALS.add("sign", SignDescent, residual_lr_ratio=Option(1.0, float, check=lambda v: v >= 0, rule="at least 0",
                                                             doc="LR ratio of FRUGAL's signSGD on the residual"))
-RESIDUALS.add("ef", ErrorFeedback)
+RESIDUALS.add("ef", ErrorFeedback, ef_bits=Option(32, choices=(32, 8, 4),
+                                                  doc="bits per value of the error-feedback buffer: float32, blockwise 8-bit (dynamic code) or int4 (groups of 256)"))
 
 ON_REFRESH = Registry("on_refresh")
 ON_REFRESH.add("keep", Keep)

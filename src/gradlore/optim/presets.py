@@ -50,12 +50,12 @@ def dct(rank: int = 128, **overrides: Any) -> Group:
     - ``scale=1.0``: DCTAdamW has no scale on the update (GaLore's 0.25 is not part of this method);
     - ``residual="discard"``: DCTAdamW drops the complement (its error feedback, ``use_ef``, is off by default;
       ``residual="ef"`` is that feedback, equal to DCTAdamW's ``use_ef=True``, at one float32 copy of each
-      projected weight).
+      projected weight, or about a quarter / an eighth of that with ``ef_bits=8`` / ``4``).
     Its LR is not GaLore's: with α = 1 the projected update is 4× GaLore-style's at the same LR, while the
     unprojected weights (embeddings, head, norms) keep the LR, so tune it afresh (issue 9's benchmark, small
     LLaMA on Shakespeare: best 1e-3 of {1, 2, 4}e-3, where ``dct-galore``'s was 5e-3 of {2, 3, 5}e-3). At that
     scale α = 1 costs more than the per-step selection gains: ``--set optim.scale=0.25`` is the better run there.
-    On a corpus that does not run out (9.5 MB, 6× the tokens, BENCHMARKS.md) this preset is 12.6 % behind GaLore;
+    On a corpus that does not run out (9.5 MB, 6× the tokens, BENCHMARKS.md) this preset is 12.8 % behind GaLore;
     with the authors' error feedback at α 0.25 (``residual="ef", scale=0.25``) 2.8 %.
     """
     base = {"rank": rank, "projector": "dct", "dct_norm": "l1", "update_proj_gap": 1, "scale": 1.0,

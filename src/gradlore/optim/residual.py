@@ -20,8 +20,14 @@ carries its term, so that a term which is low-rank or column-scaled costs no (s,
 - ef (error feedback; the SVD-free paper's DCT-AdamW, arXiv 2505.17967, after MicroAdam, arXiv 2405.15593):
   S is not applied but kept, Ξ, and added to the next gradient before anything else sees it:
       G' = G + Ξ;   the subspace is chosen from G' at a refresh;   R = Pᵀ G';   Ξ ← G' - P·R.
-  Nothing of the gradient is lost, only delayed until it enters the subspace. Ξ (s, l) is a float32 state
-  tensor (``ef.buffer``): one more copy of the weight in memory (the authors also offer it quantized).
+  Nothing of the gradient is lost, only delayed until it enters the subspace. With ``ef_bits=32`` Ξ (s, l) is a
+  float32 state tensor (``ef.buffer``): one more copy of the weight in memory. ``ef_bits=8`` keeps it as blockwise
+  8-bit codes (the dynamic code book of ``gradlore.quant``, one float32 absmax per 256 values: ~1.02 bytes a value),
+  ``ef_bits=4`` as int4 with a scale and zero point per 256 values (~0.51 bytes; MicroAdam's 4-bit feedback,
+  arXiv 2405.15593). Quantized, G' = G + Ξ̂ is a float32 temporary while the weight is stepped, so such a group
+  steps its weights one at a time (``one_at_a_time``): at most one temporary lives at once. The quantization
+  error of Ξ is not fed back; it is the price of the smaller state. (The authors' ``q_ef=8`` spends a byte per
+  value on 16 levels, (max - min)/15 per row, i.e. 4-bit resolution; ours uses the 256 codes.)
 
 Every term is column-local except Fira's ‖S ⊙ φ‖, a sum over all columns: when g holds only this rank's
 columns (FSDP2 sharding along l), ``comm`` adds the other ranks' partial sums (one scalar all-reduce).
@@ -35,6 +41,7 @@ import torch
 from torch import Tensor
 
 from gradlore.projectors.base import Projector, Reducer
+from gradlore.quant import code_book, dequantize_blockwise, dequantize_int4, quantize_blockwise, quantize_int4
 
 
 class Correction(NamedTuple):
@@ -88,24 +95,52 @@ class FiraScale:
         return Correction(low=-(r * col[None, :]), col=col)
 
 
+EF_GROUP = 256  # values per quantization block of a quantized error-feedback buffer
+
+
 class ErrorFeedback:
-    state_keys = ("ef.buffer",)  # the state this rule owns
     skips_itself = True  # given ``skip``, a skipped step leaves Ξ as it was without a copy of it (see __call__)
 
-    @staticmethod
-    def feed(g: Tensor, state: dict) -> Tensor:
-        """G' = G + Ξ, built inside Ξ's buffer: the caller's gradient stays as it is and no (s, l) temporary is made."""
-        buf = state.get("ef.buffer")
-        if buf is None:
-            buf = state["ef.buffer"] = torch.zeros(g.shape, dtype=torch.promote_types(g.dtype, torch.float32),
-                                                   device=g.device)
-        return buf.add_(g)
+    def __init__(self, ef_bits: int = 32) -> None:
+        self.bits = ef_bits
+        self.one_at_a_time = ef_bits < 32  # G' is then a float32 temporary: the optimizer steps weights one by one
+        self.state_keys = {32: ("ef.buffer",), 8: ("ef.codes", "ef.absmax"),
+                           4: ("ef.codes", "ef.scale", "ef.zero")}[ef_bits]  # the state this rule owns
+
+    def feed(self, g: Tensor, state: dict) -> Tensor:
+        """G' = G + Ξ. In float32 it is built inside Ξ's buffer: the caller's gradient stays as it is and no (s, l)
+        temporary is made; quantized, it is a new float32 tensor (s, l), Ξ̂ decoded plus G."""
+        wide = torch.promote_types(g.dtype, torch.float32)
+        if self.bits == 32:
+            buf = state.get("ef.buffer")
+            if buf is None:
+                buf = state["ef.buffer"] = torch.zeros(g.shape, dtype=wide, device=g.device)
+            return buf.add_(g)
+        if "ef.codes" not in state:  # Ξ = 0; row-major like a decoded Ξ̂, so the codes keep one layout
+            return torch.empty(g.shape, dtype=wide, device=g.device).copy_(g)
+        n = g.numel()
+        if self.bits == 8:
+            book = code_book("dynamic", True, g.device)
+            xi = dequantize_blockwise(state["ef.codes"], state["ef.absmax"], book, EF_GROUP, wide)
+        else:
+            xi = dequantize_int4(state["ef.codes"], state["ef.scale"], state["ef.zero"], n, EF_GROUP, wide)
+        return xi.view(g.shape).add_(g)
 
     def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
                  betas: tuple[float, float], comm: Reducer | None = None, skip: Tensor | None = None) -> None:
-        # g is G' in Ξ's buffer: Ξ ← G' - P·R, in place. On a skipped step (``skip``, a 0-dim bool tensor) the
-        # optimizer zeroed G, so G' is the old Ξ: leaving out P·R keeps it, exactly, with no host sync.
+        # g is G' (in Ξ's buffer, or our own temporary): Ξ ← G' - P·R, in place. On a skipped step (``skip``, a 0-dim
+        # bool tensor) the optimizer zeroed G, so G' is the old Ξ: leaving out P·R keeps it exactly (float32), and
+        # the old codes are kept (quantized), with no host sync.
         projector.up_add_(g, r if skip is None else r.masked_fill(skip, 0.0), state, -1.0)
+        if self.bits == 32:
+            return None
+        if self.bits == 8:
+            new = dict(zip(self.state_keys, quantize_blockwise(g, code_book("dynamic", True, g.device), EF_GROUP)))
+        else:
+            new = dict(zip(self.state_keys, quantize_int4(g, EF_GROUP)))
+        for key, value in new.items():
+            old = state.get(key)
+            state[key] = value if skip is None or old is None else torch.where(skip, old, value)
         return None
 
 
