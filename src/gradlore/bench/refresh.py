@@ -147,9 +147,9 @@ def run_train(args: argparse.Namespace, rank: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    if args.train:
-        return run_train(args, args.rank or RANKS.get(args.model, 128))
     rank = args.rank or RANKS.get(args.model, 128)
+    if args.train:
+        return run_train(args, rank)
     shapes = weight_shapes(args.model, args.layers)
     gen = torch.Generator().manual_seed(args.seed)
     params = [torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.02) for s in shapes]

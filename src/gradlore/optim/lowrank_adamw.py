@@ -297,16 +297,10 @@ class LowRankAdamW(Optimizer):
                                                  group["eps"], group["fused"], fmt=parts.state,
                                                  found_inf=found_inf)  # D (r, l) each
         lr, wd, scale = group["lr"], group["weight_decay"], group["scale"]
-        itself = getattr(parts.residual, "skips_itself", False)  # it keeps its state on a skipped step, given skip
-        owned = () if itself else getattr(parts.residual, "state_keys", ())
         for (p, f, r, state, name), d in zip(work, directions):
-            kept_state = {k: state[k].clone() for k in owned if k in state} if skip is not None else {}
-            extra = {"comm": comm} if f.layout == "cols" else {}  # column sums span the ranks
-            if itself and skip is not None:
-                extra["skip"] = skip
-            fix = parts.residual(f.g, r, d, state, parts.projector, group["betas"], **extra)
-            for key, old in kept_state.items():  # a skipped step leaves the residual rule's state as it was
-                state[key] = torch.where(skip, old, state[key])
+            shards = {"comm": comm} if f.layout == "cols" else {}  # column sums span the ranks
+            # on a skipped step the rule leaves its own state as it was
+            fix = parts.residual(f.g, r, d, state, parts.projector, group["betas"], skip=skip, **shards)
             if scale != 1:
                 d.mul_(scale)
             if fix is not None and fix.low is not None:

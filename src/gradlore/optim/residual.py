@@ -29,6 +29,9 @@ carries its term, so that a term which is low-rank or column-scaled costs no (s,
   error of Ξ is not fed back; it is the price of the smaller state. (The authors' ``q_ef=8`` spends a byte per
   value on 16 levels, (max - min)/15 per row, i.e. 4-bit resolution; ours uses the 256 codes.)
 
+Every rule is given ``skip`` (a 0-dim bool tensor, or None) and leaves its own state as it was where it is true,
+with no host sync: a skipped step changes nothing (the optimizer has zeroed G and keeps weights and moments).
+
 Every term is column-local except Fira's ‖S ⊙ φ‖, a sum over all columns: when g holds only this rank's
 columns (FSDP2 sharding along l), ``comm`` adds the other ranks' partial sums (one scalar all-reduce).
 """
@@ -59,18 +62,17 @@ def _col_sq(g: Tensor) -> Tensor:
 
 class Discard:
     def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
-                 betas: tuple[float, float], comm: Reducer | None = None) -> None:
+                 betas: tuple[float, float], comm: Reducer | None = None, skip: Tensor | None = None) -> None:
         return None
 
 
 class FiraScale:
-    state_keys = ("fira.prev_norm",)  # the state this rule owns (a skipped step restores it)
 
     def __init__(self, fira_gamma: float) -> None:
         self.gamma = fira_gamma
 
     def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
-                 betas: tuple[float, float], comm: Reducer | None = None) -> Correction:
+                 betas: tuple[float, float], comm: Reducer | None = None, skip: Tensor | None = None) -> Correction:
         beta1, beta2 = betas
         wide = torch.promote_types(g.dtype, torch.float32)
         step = state["step"].double()  # a device tensor: no host sync for the bias correction
@@ -90,7 +92,7 @@ class FiraScale:
             limiter = torch.clamp(norm / (prev + 1e-8), min=self.gamma) / self.gamma  # 1 unless the norm grew > γ
             norm = norm / limiter
             kappa = kappa / limiter
-        state["fira.prev_norm"] = norm
+        state["fira.prev_norm"] = norm if skip is None or prev is None else torch.where(skip, prev, norm)
         col = phi * kappa.to(phi.dtype)
         return Correction(low=-(r * col[None, :]), col=col)
 
@@ -99,13 +101,9 @@ EF_GROUP = 256  # values per quantization block of a quantized error-feedback bu
 
 
 class ErrorFeedback:
-    skips_itself = True  # given ``skip``, a skipped step leaves Ξ as it was without a copy of it (see __call__)
-
     def __init__(self, ef_bits: int = 32) -> None:
         self.bits = ef_bits
         self.one_at_a_time = ef_bits < 32  # G' is then a float32 temporary: the optimizer steps weights one by one
-        self.state_keys = {32: ("ef.buffer",), 8: ("ef.codes", "ef.absmax"),
-                           4: ("ef.codes", "ef.scale", "ef.zero")}[ef_bits]  # the state this rule owns
 
     def feed(self, g: Tensor, state: dict) -> Tensor:
         """G' = G + Ξ. In float32 it is built inside Ξ's buffer: the caller's gradient stays as it is and no (s, l)
@@ -135,9 +133,10 @@ class ErrorFeedback:
         if self.bits == 32:
             return None
         if self.bits == 8:
-            new = dict(zip(self.state_keys, quantize_blockwise(g, code_book("dynamic", True, g.device), EF_GROUP)))
+            new = dict(zip(("ef.codes", "ef.absmax"), quantize_blockwise(g, code_book("dynamic", True, g.device),
+                                                                          EF_GROUP)))
         else:
-            new = dict(zip(self.state_keys, quantize_int4(g, EF_GROUP)))
+            new = dict(zip(("ef.codes", "ef.scale", "ef.zero"), quantize_int4(g, EF_GROUP)))
         for key, value in new.items():
             old = state.get(key)
             state[key] = value if skip is None or old is None else torch.where(skip, old, value)
@@ -149,7 +148,7 @@ class SignDescent:
         self.ratio = residual_lr_ratio
 
     def __call__(self, g: Tensor, r: Tensor, d: Tensor, state: dict, projector: Projector,
-                 betas: tuple[float, float], comm: Reducer | None = None) -> Correction:
+                 betas: tuple[float, float], comm: Reducer | None = None, skip: Tensor | None = None) -> Correction:
         residual = g.clone()
         projector.up_add_(residual, r, state, -1.0)  # G - P·R, one matmul into the copy
         return Correction(dense=residual.sign_().mul_(self.ratio))
